@@ -1,0 +1,5 @@
+import sys
+
+from rtloop.cli import main
+
+sys.exit(main())

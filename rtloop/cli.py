@@ -1,0 +1,47 @@
+"""`rtloop` command line: one subcommand per concern, each implemented in its own module.
+
+Each module named in SUBCOMMANDS exposes `add_arguments(parser)` and `main(args) -> int`, and keeps its
+heavy imports (torch, LIBERO) inside functions so `rtloop --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from rtloop.errors import RtloopError
+
+SUBCOMMANDS = {
+    "run": ("rtloop.runtime.command", "run OpenVLA against LIBERO in closed loop, in real time"),
+    "bench": ("rtloop.bench", "time predict_action per stage for each inference engine"),
+    "profile": ("rtloop.profiling.command", "run `rtloop run` under py-spy and the torch profiler"),
+    "checkpoint": ("rtloop.policy.checkpoint_command", "make or inspect OpenVLA checkpoint directories"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtloop", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._main(args) or 0)
+    except RtloopError as e:
+        print(f"rtloop: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rtloop: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
