@@ -1,0 +1,142 @@
+"""OpenVLA-7B as an rtloop Policy: checkpoint directory in, LIBERO-ready actions out, each stage timed.
+
+    policy = OpenVLAPolicy("weights/openvla-7b-finetuned-libero-object", device="cuda")
+    out = policy.act(obs["agentview_image"], "pick up the alphabet soup and place it in the basket")
+    env.step(out.action)
+
+Stages (rtloop.policy.base.STAGES), each a `timed_stage` so profilers see the same names:
+- processor: LIBERO image path (act only), prompt, tokens, pixel_values including host->device
+- generate: the engine's 1 prefill + 6 decode steps, synchronised on CUDA so the GPU time lands here
+- detokenize: tokens to the host, bins -> action, validity checks and silent-failure detectors
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rtloop.policy.actions import ActionDetokenizer, default_unnorm_key, libero_gripper, resolve_unnorm_key
+from rtloop.policy.base import PolicyOutput
+from rtloop.policy.guards import Alert, Guards
+from rtloop.policy.model import OpenVLA
+from rtloop.policy.processor import (
+    PROMPT_TEMPLATE,
+    build_prompt,
+    check_image,
+    check_prompt_template,
+    pixel_values,
+    prepare_libero_image,
+    tokenize_prompt,
+)
+from rtloop.policy.tokenizer import load_tokenizer
+from rtloop.profiling.ranges import timed_stage
+
+
+class OpenVLAPolicy:
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        unnorm_key: str | None = None,
+        suite: str | None = "libero_object",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        engine: str = "eager",
+        center_crop: bool = False,
+        prompt_template: str | None = None,
+        rotate: bool = True,
+        model: OpenVLA | None = None,
+    ):
+        """`suite` is the LIBERO suite being run (None: not LIBERO); it picks the default unnorm_key
+        (`<suite>` or `<suite>_no_noops`). `prompt_template` and `rotate=False` exist to study failures.
+        `model`: an OpenVLA already on `device` (e.g. random 7B weights built in GPU memory); the checkpoint
+        directory then only supplies the tokenizer, and the config comes from the model."""
+        from rtloop.policy.checkpoint import load_checkpoint
+        from rtloop.policy.engines import build_engine
+
+        self.device = torch.device(device)
+        if model is None:
+            loaded = load_checkpoint(checkpoint_dir, self.device, dtype)
+            self.config, self.model = loaded.config, loaded.model
+        else:
+            self.config, self.model = model.config, model
+        self.dtype = next(self.model.parameters()).dtype
+        self.tokenizer = load_tokenizer(checkpoint_dir)
+        self.suite = suite
+        self.center_crop = center_crop
+        self.rotate = rotate
+        self.prompt_template = PROMPT_TEMPLATE if prompt_template is None else check_prompt_template(prompt_template)
+        self.guards = Guards()
+        self.guards.check_rotation(rotate)
+
+        norm_stats = self.config.norm_stats
+        if unnorm_key is None and suite is not None:
+            unnorm_key = default_unnorm_key(norm_stats, suite)
+        self.unnorm_key = resolve_unnorm_key(norm_stats, unnorm_key)
+        self._detokenizers: dict[str, ActionDetokenizer] = {}
+        self._detokenizer(self.unnorm_key)  # fail at construction, not at the first action
+        self.engine = build_engine(engine, self.model)
+        self._sync = torch.cuda.synchronize if self.device.type == "cuda" else None
+        self._prompt_ids: tuple[str, torch.Tensor] | None = None  # the last prompt, tokenized, on the device
+
+        generated = self.config.generated or {}  # set by `rtloop checkpoint make`, absent in real checkpoints
+        self.label = f"openvla {Path(checkpoint_dir).name} ({checkpoint_dir}), engine {self.engine.name}"
+        if generated.get("random_weights"):
+            self.label += f", RANDOM WEIGHTS (generated: size {generated.get('size')}, seed {generated.get('seed')})"
+
+    def _detokenizer(self, key: str) -> ActionDetokenizer:
+        if key not in self._detokenizers:
+            self.guards.check_unnorm_key(key, self.config.norm_stats[key], self.suite)
+            self._detokenizers[key] = ActionDetokenizer(
+                self.config.llm.vocab_size, self.config.pad_to_multiple_of, self.config.n_action_bins,
+                self.config.norm_stats[key],
+            )
+        return self._detokenizers[key]
+
+    def _input_ids(self, prompt: str) -> torch.Tensor:
+        if self._prompt_ids is None or self._prompt_ids[0] != prompt:
+            self._prompt_ids = (prompt, tokenize_prompt(self.tokenizer, prompt).to(self.device))
+        return self._prompt_ids[1]
+
+    def predict_action(
+        self,
+        image: np.ndarray,
+        instruction: str,
+        unnorm_key: str | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """A 224x224x3 uint8 image (already through the LIBERO path, if any) -> (unnormalised 7-vector,
+        seconds per stage). Stage times add to `timings` when one is passed."""
+        timings = {} if timings is None else timings
+        key = self.unnorm_key if unnorm_key is None else resolve_unnorm_key(self.config.norm_stats, unnorm_key)
+        detokenize = self._detokenizer(key)
+        with timed_stage("processor", timings, self._sync):
+            check_image(image)
+            self.guards.check_frame(image)
+            prompt = build_prompt(instruction, self.prompt_template)
+            self.guards.check_prompt(prompt)
+            input_ids = self._input_ids(prompt)
+            pixels = pixel_values(image, self.device, self.dtype)
+        with timed_stage("generate", timings, self._sync):
+            tokens = self.engine.generate(pixels, input_ids)
+        with timed_stage("detokenize", timings):
+            action = detokenize(tokens.cpu().numpy())
+            self.guards.check_action(image, action)
+        return action, timings
+
+    def act(self, frame: np.ndarray, instruction: str) -> PolicyOutput:
+        timings: dict[str, float] = {}
+        with timed_stage("processor", timings):
+            image = prepare_libero_image(frame, center_crop=self.center_crop, rotate=self.rotate)
+        raw, timings = self.predict_action(image, instruction, timings=timings)
+        return PolicyOutput(action=libero_gripper(raw), raw_action=raw, timings=timings)
+
+    def warmup(self, frame: np.ndarray, instruction: str) -> None:
+        """Two full passes: the first allocates (KV cache, kernels), the second runs what steady state runs
+        (engines that capture graphs do it on a later call)."""
+        for _ in range(2):
+            self.act(frame, instruction)
+
+    def drain_alerts(self) -> list[Alert]:
+        return self.guards.drain()

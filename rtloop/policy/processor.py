@@ -1,0 +1,125 @@
+"""OpenVLA's inputs: the prompt, its token ids, and the pixels for the two vision backbones.
+
+Two image steps, kept apart because they belong to different owners:
+- `prepare_libero_image`: what the official LIBERO eval does to a camera frame before the model sees it
+  (180° rotation, JPEG round trip, Lanczos resize to 224, optional 90%-area centre crop). It makes the sim
+  frame look like the training data; other robots would do something else here.
+- `pixel_values`: what the model's own processor does (resize-naive to 224, per-backbone normalisation),
+  in torch on the model's device.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from rtloop.errors import InputError
+
+PROMPT_TEMPLATE = "In: What action should the robot take to {instruction}?\nOut:"
+SPACE_TOKEN = 29871  # SentencePiece "▁"
+IMAGE_SIZE = 224
+JPEG_QUALITY = 95  # tf.image.encode_jpeg's default, used by the RLDS dataset builder and the eval
+CROP_AREA = 0.9
+DINOV2_MEAN, DINOV2_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def check_prompt_template(template: str) -> str:
+    """A custom template must contain exactly one `{instruction}` field and nothing else to fill."""
+    try:
+        template.format(instruction="x")
+    except (KeyError, IndexError, ValueError) as e:
+        raise InputError(
+            f"prompt template {template!r} is not a format string with only {{instruction}}: {e}"
+        ) from None
+    if template.count("{instruction}") != 1:
+        raise InputError(f"prompt template {template!r} must contain {{instruction}} exactly once")
+    return template
+
+
+def build_prompt(instruction: str, template: str = PROMPT_TEMPLATE) -> str:
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise InputError(f"the instruction must be a non-empty string, got {instruction!r}")
+    return template.format(instruction=instruction.lower())
+
+
+def tokenize_prompt(tokenizer, prompt: str) -> torch.Tensor:
+    """LongTensor [1, T]: BOS + the prompt, then "▁" (29871) unless it is already last, as the official
+    `predict_action` does (the model was trained with it before the action tokens)."""
+    ids = tokenizer.encode(prompt)
+    if ids[-1] != SPACE_TOKEN:
+        ids.append(SPACE_TOKEN)
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def check_image(image: np.ndarray, what: str = "image") -> np.ndarray:
+    if not isinstance(image, np.ndarray):
+        raise InputError(f"{what} must be a numpy array, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+        raise InputError(f"{what} must be HxWx3 (RGB), got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise InputError(f"{what} must be uint8, got {image.dtype}")
+    return image
+
+
+def prepare_libero_image(frame: np.ndarray, center_crop: bool = False, rotate: bool = True) -> np.ndarray:
+    """A LIBERO agentview frame (HxWx3 uint8, 256x256 in the official eval) -> the 224x224x3 uint8 image
+    the fine-tuned OpenVLA expects. `rotate=False` exists only to study the upside-down failure."""
+    check_image(frame, "frame")
+    img = frame[::-1, ::-1] if rotate else frame  # MuJoCo renders upside down and mirrored
+    img = jpeg_round_trip(np.ascontiguousarray(img))
+    img = np.asarray(Image.fromarray(img).resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS))
+    if center_crop:
+        img = center_crop_resize(img, CROP_AREA)
+    return img
+
+
+def jpeg_round_trip(img: np.ndarray) -> np.ndarray:
+    """Encode and decode as JPEG, as the RLDS training data was stored (PIL/libjpeg, 4:2:0, quality 95;
+    close to TensorFlow's encoder, not bit-identical)."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def center_crop_resize(img: np.ndarray, area: float) -> np.ndarray:
+    """The official `crop_and_resize`: the central box of `area` (sqrt(area) per side) bilinearly resampled
+    back to the input size with tf.image.crop_and_resize's sampling grid, then tf's float->uint8 conversion."""
+    h, w = img.shape[:2]
+    side = math.sqrt(area)
+    lo, hi = (1 - side) / 2, (1 + side) / 2
+    ys = np.linspace(lo * (h - 1), hi * (h - 1), h)
+    xs = np.linspace(lo * (w - 1), hi * (w - 1), w)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    wy, wx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    f = img.astype(np.float32) / 255.0
+    top = f[y0][:, x0] * (1 - wx) + f[y0][:, x1] * wx
+    bottom = f[y1][:, x0] * (1 - wx) + f[y1][:, x1] * wx
+    out = np.clip(top * (1 - wy) + bottom * wy, 0.0, 1.0)
+    return np.minimum(out * 255.5, 255).astype(np.uint8)  # tf.image.convert_image_dtype(..., uint8, saturate)
+
+
+def pixel_values(image: np.ndarray, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """HxWx3 uint8 -> [1, 6, 224, 224]: DINOv2-normalised RGB, then SigLIP-normalised RGB. The uint8 image
+    crosses to the device (a quarter of the float bytes); everything after runs there."""
+    check_image(image)
+    x = torch.from_numpy(np.array(image)).to(device, non_blocking=True)  # a copy: frames may be read-only
+    x = x.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+        # resize-naive (aspect ignored), bicubic with antialias, re-quantised like the PIL image the
+        # official processor resizes
+        x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bicubic", antialias=True, align_corners=False)
+        x = x.mul_(255.0).round_().clamp_(0, 255).div_(255.0)
+    dino = (x - _column(DINOV2_MEAN, x)) / _column(DINOV2_STD, x)
+    siglip = (x - _column(SIGLIP_MEAN, x)) / _column(SIGLIP_STD, x)
+    return torch.cat([dino, siglip], dim=1).to(dtype)
+
+
+def _column(values: tuple[float, float, float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, device=like.device, dtype=like.dtype).view(1, 3, 1, 1)

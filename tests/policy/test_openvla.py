@@ -1,0 +1,153 @@
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rtloop.errors import ActionError, InputError, UnnormKeyError
+from rtloop.policy.base import STAGES, PolicyOutput
+from rtloop.policy.openvla import OpenVLAPolicy
+from rtloop.policy.processor import prepare_libero_image
+
+INSTRUCTION = "pick up the alphabet soup and place it in the basket"
+
+
+def frame(seed: int) -> np.ndarray:
+    """A smooth random 256x256 frame, standing in for a camera image."""
+    small = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((256, 256), Image.BICUBIC))
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_checkpoint):
+    return OpenVLAPolicy(tiny_checkpoint)
+
+
+def alert_kinds(policy) -> list[str]:
+    return [a.kind for a in policy.drain_alerts()]
+
+
+def test_predict_action_returns_action_and_stage_times(policy):
+    action, timings = policy.predict_action(prepare_libero_image(frame(0)), INSTRUCTION)
+    assert action.shape == (7,) and np.all(np.isfinite(action))
+    assert set(timings) == set(STAGES) and all(t > 0 for t in timings.values())
+    again, _ = policy.predict_action(prepare_libero_image(frame(0)), INSTRUCTION)
+    assert np.array_equal(action, again)  # greedy decoding is deterministic
+
+
+def test_act_maps_gripper_for_libero(policy):
+    out = policy.act(frame(1), INSTRUCTION)
+    assert isinstance(out, PolicyOutput)
+    assert np.array_equal(out.action[:6], out.raw_action[:6])
+    assert out.action[-1] == -np.sign(2 * out.raw_action[-1] - 1)
+    assert set(out.timings) == set(STAGES) and all(t > 0 for t in out.timings.values())
+
+
+def test_label_and_default_key(policy, tiny_checkpoint):
+    assert "RANDOM WEIGHTS" in policy.label and tiny_checkpoint.name in policy.label
+    assert policy.unnorm_key == "libero_object"
+
+
+def test_unknown_key_names_the_finetuned_checkpoints(tiny_checkpoint):
+    with pytest.raises(UnnormKeyError, match="this checkpoint has: bridge_orig, libero_10") as e:
+        OpenVLAPolicy(tiny_checkpoint, unnorm_key="libero_90")
+    assert "openvla-7b-finetuned-libero-" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_no_key_outside_libero_with_several_datasets(tiny_checkpoint):
+    with pytest.raises(UnnormKeyError, match="choose one"):
+        OpenVLAPolicy(tiny_checkpoint, suite=None)
+
+
+def test_bridge_statistics_in_libero_are_flagged(tiny_checkpoint):
+    p = OpenVLAPolicy(tiny_checkpoint, unnorm_key="bridge_orig")
+    assert alert_kinds(p) == ["unnorm_key"]
+    action, _ = p.predict_action(prepare_libero_image(frame(0)), INSTRUCTION)
+    assert np.all(np.abs(action[:3]) < 0.05)  # Bridge scales: centimetres, the LIBERO arm would barely move
+
+
+def test_per_call_unnorm_key(policy):
+    image = prepare_libero_image(frame(0))
+    ours, _ = policy.predict_action(image, INSTRUCTION)
+    spatial, _ = policy.predict_action(image, INSTRUCTION, unnorm_key="libero_spatial")
+    assert not np.array_equal(ours[:6], spatial[:6]) and "unnorm_key" in alert_kinds(policy)
+    with pytest.raises(UnnormKeyError):
+        policy.predict_action(image, INSTRUCTION, unnorm_key="nope")
+
+
+def test_black_frame_still_acts_but_warns(tiny_checkpoint):
+    p = OpenVLAPolicy(tiny_checkpoint)
+    p.act(frame(0), INSTRUCTION)
+    assert alert_kinds(p) == []
+    out = p.act(np.zeros((256, 256, 3), np.uint8), INSTRUCTION)
+    assert np.all(np.isfinite(out.action)) and alert_kinds(p) == ["blank_frame"]
+
+
+def test_custom_prompt_template_and_no_rotation_warn(tiny_checkpoint):
+    p = OpenVLAPolicy(tiny_checkpoint, prompt_template="Robot, {instruction}!", rotate=False)
+    p.act(frame(0), INSTRUCTION)
+    assert sorted(alert_kinds(p)) == ["image_orientation", "prompt"]
+    with pytest.raises(InputError, match="prompt template"):
+        OpenVLAPolicy(tiny_checkpoint, prompt_template="Robot, {task}!")
+
+
+def test_bad_image_and_instruction(policy):
+    with pytest.raises(InputError, match="uint8"):
+        policy.predict_action(np.zeros((224, 224, 3), np.float32), INSTRUCTION)
+    with pytest.raises(InputError, match="HxWx3"):
+        policy.act(np.zeros((256, 256), np.uint8), INSTRUCTION)
+    with pytest.raises(InputError, match="instruction"):
+        policy.act(frame(0), "")
+
+
+def test_non_finite_statistics_raise(tiny_checkpoint, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    stats = json.loads((ckpt / "config.json").read_text())["norm_stats"]
+    stats["libero_object"]["action"]["q99"][0] = float("inf")
+    (ckpt / "dataset_statistics.json").write_text(json.dumps(stats))  # replaces norm_stats, as officially
+    p = OpenVLAPolicy(ckpt)
+    with pytest.raises(ActionError, match="non-finite action"):
+        p.act(frame(0), INSTRUCTION)
+
+
+def test_model_built_in_memory(tmp_path):
+    """The bench path for 7B random weights: a model that never touched disk, a directory with the tokenizer."""
+    import torch
+
+    from rtloop.policy.checkpoint import build_random_model
+    from rtloop.policy.tokenizer import write_tokenizer_files
+
+    write_tokenizer_files(tmp_path)
+    p = OpenVLAPolicy(tmp_path, model=build_random_model("tiny", "cpu", torch.float32, seed=0))
+    action, _ = p.predict_action(prepare_libero_image(frame(0)), INSTRUCTION)
+    assert np.all(np.isfinite(action)) and "RANDOM WEIGHTS" in p.label
+
+
+@pytest.mark.slow
+def test_real_libero_frames(policy):
+    """libero_object task 0 after the 10 settle steps: real frames go through, and no detector fires except
+    possibly constant_action (random weights may ignore small image changes)."""
+    from libero.libero import benchmark, get_libero_path
+    from libero.libero.envs import OffScreenRenderEnv
+
+    suite = benchmark.get_benchmark_dict()["libero_object"]()
+    task = suite.get_task(0)
+    bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+    env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=256, camera_widths=256)
+    try:
+        env.seed(0)
+        env.reset()
+        obs = env.set_init_state(suite.get_task_init_states(0)[0])
+        for _ in range(10):
+            obs, *_ = env.step([0, 0, 0, 0, 0, 0, -1])
+        policy.drain_alerts()
+        for _ in range(3):
+            out = policy.act(obs["agentview_image"], task.language)
+            assert np.all(np.isfinite(out.action)) and out.action[-1] in (-1.0, 1.0)
+            obs, *_ = env.step(out.action)
+    finally:
+        env.close()
+    assert set(alert_kinds(policy)) <= {"constant_action"}
