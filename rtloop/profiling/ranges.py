@@ -1,0 +1,34 @@
+"""Stage timing that the profilers can see.
+
+`timed_stage("generate", timings)` measures a stage with rtloop.clock and, at the same time, opens a
+torch profiler range (record_function) and, on CUDA, an NVTX range with the same name, so the torch
+trace, Nsight and the JSONL trace all name stages identically.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from rtloop import clock
+
+
+@contextmanager
+def timed_stage(name: str, timings: dict[str, float], sync: Callable[[], None] | None = None) -> Iterator[None]:
+    """Add the stage's wall time (seconds) to timings[name]. `sync` (e.g. torch.cuda.synchronize) runs
+    before the clock stops, so asynchronous GPU work is charged to the stage that launched it."""
+    import torch
+
+    nvtx = torch.cuda.nvtx if torch.cuda.is_available() else None
+    t0 = clock.now()
+    with torch.profiler.record_function(name):
+        if nvtx is not None:
+            nvtx.range_push(name)
+        try:
+            yield
+            if sync is not None:
+                sync()
+        finally:
+            if nvtx is not None:
+                nvtx.range_pop()
+            timings[name] = timings.get(name, 0.0) + (clock.now() - t0)

@@ -1,0 +1,255 @@
+"""LIBERO as the runtime sees it: one task, the official OpenVLA evaluation protocol, timed steps.
+
+Protocol (openvla/openvla experiments/robot/libero/run_libero_eval.py): OffScreenRenderEnv at 256x256,
+env.seed(seed), then per episode env.reset() + set_init_state(init_states[episode]), 10 settle steps with
+the dummy action, then at most the suite's horizon of policy steps; success is the env's `done`.
+Only the agentview camera is rendered (the official code also renders the wrist camera it never uses).
+
+Inside each step we time, separately:
+- physics: the MuJoCo substeps: mj_forward, the arm controller, mj_step (25 substeps of 2 ms per 50 ms step);
+- render: the offscreen render + pixel read of the agentview camera, which robosuite does inside the
+  substep loop when the camera observable samples (once per step).
+The rest of a step (other observables, success predicates, observation dict) is Python overhead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import difflib
+import gc
+import io
+import logging
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from rtloop.clock import now
+from rtloop.errors import InputError, SimError
+from rtloop.sim.base import StepResult
+
+STANDARD_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+
+# Max policy steps after the settle steps, from run_libero_eval.py ("longest training demo + margin").
+# The chapter's 300 is libero_goal's value; libero_object's is 280.
+SUITE_HORIZONS = {
+    "libero_spatial": 220,
+    "libero_object": 280,
+    "libero_goal": 300,
+    "libero_10": 520,
+    "libero_90": 400,
+}
+
+DUMMY_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)  # hold still, gripper open
+CAMERA = "agentview"
+
+
+def horizon_for(suite: str) -> int:
+    """The standard suites' horizons; LIBERO-PRO variants ("libero_object_with_mug") take their base suite's.
+    A suite with no standard base (libero_mine, libero_100) gets the longest, 520."""
+    if suite in SUITE_HORIZONS:
+        return SUITE_HORIZONS[suite]
+    bases = [s for s in SUITE_HORIZONS if suite.startswith(s + "_")]
+    return SUITE_HORIZONS[max(bases, key=len)] if bases else max(SUITE_HORIZONS.values())
+
+
+def _import_libero() -> tuple[Any, Any, Callable[[str], str]]:
+    """Import LIBERO quietly: robosuite's macro-file warnings are noise for a CLI; its errors still show."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    # robosuite's DefaultLogger only sets levels on its handlers, so the logger's own level filters first.
+    logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # robosuite calls the deprecated Logger.warn
+            from libero.libero import benchmark, get_libero_path
+            from libero.libero.envs import OffScreenRenderEnv
+    except Exception as e:
+        raise SimError(_describe_failure("importing LIBERO failed", e)) from None
+    return benchmark, OffScreenRenderEnv, get_libero_path
+
+
+def suite_names() -> list[str]:
+    """The five standard suites first, then the LIBERO-PRO variants the installed package registers."""
+    benchmark, _, _ = _import_libero()
+    others = sorted(set(benchmark.get_benchmark_dict()) - set(STANDARD_SUITES))
+    return [*STANDARD_SUITES, *others]
+
+
+def load_task(suite: str, task_id: int) -> tuple[Any, Any]:
+    """(benchmark suite object, task) for a suite name and task id, or a one-line InputError."""
+    benchmark, _, _ = _import_libero()
+    suites = benchmark.get_benchmark_dict()
+    if suite not in suites:
+        names = suite_names()
+        close = difflib.get_close_matches(suite, names, n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise InputError(
+            f"unknown LIBERO suite {suite!r}{hint}; valid suites: {', '.join(STANDARD_SUITES)}, "
+            f"and {len(names) - len(STANDARD_SUITES)} LIBERO-PRO variants ({', '.join(names[5:8])}, ...)"
+        )
+    with contextlib.redirect_stdout(io.StringIO()):  # "[info] Applying task order index 0 ..."
+        bench = suites[suite]()
+    if bench.n_tasks == 0:
+        raise InputError(f"LIBERO suite {suite!r} has no tasks in this installation")
+    if not 0 <= task_id < bench.n_tasks:
+        tasks = [bench.get_task(i).language for i in range(bench.n_tasks)]
+        shown = ", ".join(f"{i}={t[:40]}" for i, t in enumerate(tasks[:10]))
+        more = f", ... ({len(tasks)} tasks)" if len(tasks) > 10 else ""
+        raise InputError(f"task id {task_id} is out of range for {suite}: 0..{bench.n_tasks - 1} ({shown}{more})")
+    return bench, bench.get_task(task_id)
+
+
+_RENDER_PATHS = ("/renderers/context/", "/OpenGL/", "/mujoco/egl", "/mujoco/osmesa")
+
+
+def _describe_failure(what: str, exc: BaseException) -> str:
+    """One line naming the original error and, when rendering is involved, MUJOCO_GL and the GL library."""
+    message = f"{what}: {type(exc).__name__}: {exc}".replace("\n", " ")
+    frames = [f.filename for f in traceback.extract_tb(exc.__traceback__)]
+    if not any(p in f for f in frames for p in _RENDER_PATHS):
+        return message
+    backend = os.environ.get("MUJOCO_GL", "")
+    library = {"egl": "libEGL.so.1", "osmesa": "libOSMesa.so"}.get(backend, "libGL.so.1")
+    try:
+        ctypes.CDLL(library)
+        library_state = f"{library} loads"
+    except OSError as load_error:
+        library_state = f"{library} cannot be loaded ({load_error})"
+    return (
+        f"{message} (rendering failed with MUJOCO_GL={backend or 'unset'}; {library_state}; "
+        "LIBERO needs MUJOCO_GL=egl and a working libEGL: the libegl1 package or a GPU driver)"
+    )
+
+
+def _swallow_unraisable(_: Any) -> None:
+    pass
+
+
+def _create_env(OffScreenRenderEnv: Any, bddl_file: str, camera_size: int, seed: int, what: str) -> Any:
+    """The official eval env, rendering only the policy camera (no depth, segmentation or wrist camera)."""
+    saved_hook = sys.unraisablehook
+    try:
+        try:
+            env = OffScreenRenderEnv(
+                bddl_file_name=bddl_file,
+                camera_names=[CAMERA],
+                camera_heights=camera_size,
+                camera_widths=camera_size,
+                camera_depths=False,
+                camera_segmentations=None,
+            )
+            env.seed(seed)
+            return env
+        except Exception as e:
+            failure = _describe_failure(f"creating the LIBERO env for {what} failed", e)
+            # The half-built GL context complains from __del__ when this traceback is freed; the
+            # SimError already says everything, so silence that noise while it is collected.
+            sys.unraisablehook = _swallow_unraisable
+        gc.collect()
+        raise SimError(failure)
+    finally:
+        sys.unraisablehook = saved_hook
+
+
+class _StageClock:
+    """Seconds spent inside wrapped callables, per stage. Wrappers live on one env's instances only.
+
+    Only the outermost wrapped call counts, because robosuite nests them (the controller calls mj_forward).
+    """
+
+    def __init__(self) -> None:
+        self.totals = {"physics": 0.0, "render": 0.0}
+        self._depth = 0
+
+    def reset(self) -> None:
+        self.totals = {"physics": 0.0, "render": 0.0}
+
+    def wrap(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if self._depth:
+                return fn(*args, **kwargs)
+            self._depth += 1
+            start = now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals[stage] += now() - start
+                self._depth -= 1
+
+        return timed
+
+
+class LiberoEnv:
+    label = "libero"
+
+    def __init__(
+        self,
+        suite: str = "libero_object",
+        task_id: int = 0,
+        camera_size: int = 256,
+        seed: int = 0,
+        settle_steps: int = 10,
+    ) -> None:
+        bench, task = load_task(suite, task_id)  # bad suite / task fail here, before the ~8 s env build
+        _, OffScreenRenderEnv, get_libero_path = _import_libero()
+        self.suite = suite
+        self.task_id = task_id
+        self.task_name = task.name
+        self.instruction = task.language
+        self.horizon = horizon_for(suite)
+        self.settle_steps = settle_steps
+        self.init_states = bench.get_task_init_states(task_id)
+        bddl_file = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+        self._clock = _StageClock()
+        self._steps = 0
+        self._env = _create_env(OffScreenRenderEnv, bddl_file, camera_size, seed, f"{suite} task {task_id}")
+        robot_env = self._env.env
+        robot_env._pre_action = self._clock.wrap("physics", robot_env._pre_action)
+
+    def reset(self, episode: int) -> np.ndarray:
+        if not 0 <= episode < len(self.init_states):
+            raise InputError(
+                f"episode {episode} is outside the {len(self.init_states)} init states of "
+                f"{self.suite} task {self.task_id} (0..{len(self.init_states) - 1})"
+            )
+        try:
+            self._env.reset()
+            self._instrument_sim()  # hard_reset builds a new MjSim on every reset
+            obs = self._env.set_init_state(self.init_states[episode])
+            for _ in range(self.settle_steps):
+                obs, _, _, _ = self._env.step(DUMMY_ACTION)
+        except Exception as e:
+            raise SimError(_describe_failure(f"LIBERO reset to episode {episode} failed", e)) from e
+        self._steps = 0
+        return obs[f"{CAMERA}_image"]
+
+    def _instrument_sim(self) -> None:
+        sim = self._env.sim
+        sim.forward = self._clock.wrap("physics", sim.forward)
+        sim.step = self._clock.wrap("physics", sim.step)
+        sim.render = self._clock.wrap("render", sim.render)
+
+    def step(self, action: np.ndarray) -> StepResult:
+        self._clock.reset()
+        try:
+            obs, _, env_done, _ = self._env.step(action)
+        except Exception as e:
+            raise SimError(_describe_failure(f"LIBERO step {self._steps} failed", e)) from e
+        self._steps += 1
+        success = bool(env_done)
+        return StepResult(
+            frame=obs[f"{CAMERA}_image"],
+            done=success or self._steps >= self.horizon,
+            success=success,
+            timings=dict(self._clock.totals),
+        )
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
