@@ -33,3 +33,9 @@ class SimError(RtloopError):
 
 class PolicyError(RtloopError):
     kind = "policy"
+
+
+class MetricsError(RtloopError):
+    """The metrics endpoint cannot be served (port in use, bad address)."""
+
+    kind = "metrics"
