@@ -1,0 +1,45 @@
+"""The latest-frame mailbox between the sim task and the inference task.
+
+One slot. The sim puts every frame it renders; a frame the model has not taken yet is overwritten (and
+counted as dropped), because a model that is behind should work on the newest view of the world, not on
+a backlog. The inference task's `get` waits until there is a frame newer than the last one it took.
+Both sides run on the event loop, so no lock is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import anyio
+import numpy as np
+
+
+@dataclass
+class Frame:
+    seq: int  # 0 for the frame after reset, then one per tick
+    image: np.ndarray
+    captured_at: float  # clock.now() when the simulator returned it
+
+
+class LatestFrameMailbox:
+    def __init__(self) -> None:
+        self._frame: Frame | None = None
+        self._unread = False
+        self._new_frame = anyio.Event()
+        self.dropped = 0  # frames overwritten before anyone took them
+
+    def put(self, frame: Frame) -> None:
+        if self._unread:
+            self.dropped += 1
+        self._frame = frame
+        self._unread = True
+        # trio-style broadcast: set the current event, hand later waiters a fresh one
+        self._new_frame.set()
+        self._new_frame = anyio.Event()
+
+    async def get(self) -> Frame:
+        while not self._unread:
+            await self._new_frame.wait()
+        self._unread = False
+        assert self._frame is not None
+        return self._frame

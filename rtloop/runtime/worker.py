@@ -1,0 +1,52 @@
+"""A dedicated OS thread that runs blocking calls for the event loop, always on the same thread.
+
+Why not `anyio.to_thread.run_sync` with a CapacityLimiter: a limiter bounds how many calls run at once,
+but anyio's pool hands each call to whichever idle worker it pops, so the sim's calls and the model's calls
+end up on each other's threads. That breaks MuJoCo's EGL renderer (its GL context is current only on the
+thread that created it; robosuite's render() does not make it current again) and torch's thread-local
+modes. So the env is created, stepped and closed on one thread, and the policy runs on another.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, TypeVar
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+
+T = TypeVar("T")
+
+
+class WorkerThread:
+    def __init__(self, name: str) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def run(self, fn: Callable[..., T], *args) -> T:
+        """Run fn(*args) on this thread and wait for it. A blocking call cannot be interrupted, so a
+        cancellation (end of episode, Ctrl-C) waits for the call in flight: no call outlives its caller,
+        and the env is never closed while a step is still running."""
+        token = anyio.lowlevel.current_token()
+        finished = anyio.Event()
+
+        def job() -> T:
+            try:
+                return fn(*args)
+            finally:
+                anyio.from_thread.run_sync(finished.set, token=token)
+
+        future = self._pool.submit(job)
+        with anyio.CancelScope(shield=True):
+            await finished.wait()
+        return future.result()
+
+    def submit(self, fn: Callable[..., T], *args) -> Future[T]:
+        """For code outside the event loop (setup, teardown)."""
+        return self._pool.submit(fn, *args)
+
+    def call(self, fn: Callable[..., T], *args) -> T:
+        return self._pool.submit(fn, *args).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

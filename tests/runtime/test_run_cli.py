@@ -1,0 +1,156 @@
+"""`rtloop run` end to end, as a user runs it: real LIBERO, the real tiny OpenVLA checkpoint, a subprocess,
+assertions on the JSONL trace it leaves.
+
+Rates are low (4 Hz: a 250 ms budget) so a LIBERO step (~60-100 ms on a 2-core CPU, render dominated)
+fits the tick even while the model runs on the other core; pacing is only asserted for ticks that follow
+a tick that fit its budget.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from rtloop.runtime.summary import summarize
+from rtloop.runtime.trace import read_trace
+
+pytestmark = pytest.mark.slow
+
+RATE = 4.0
+PACING_TOLERANCE_S = 0.025  # a tick starts within 25 ms of its deadline when the previous one fit
+
+
+def rtloop_run(*args, timeout=180):
+    cmd = [sys.executable, "-m", "rtloop", "run", "--metrics-port", "0", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env())
+
+
+def subprocess_env(**extra):
+    env = dict(os.environ, MUJOCO_GL="egl", PYOPENGL_PLATFORM="egl", **extra)
+    return env
+
+
+def records(trace, kind):
+    return [r for r in read_trace(trace) if r["kind"] == kind]
+
+
+def test_async_run_paces_ticks_and_times_every_stage(tiny_checkpoint, tmp_path):
+    trace, video = tmp_path / "trace.jsonl", tmp_path / "run.mp4"
+    proc = rtloop_run("--checkpoint", tiny_checkpoint, "--rate", RATE, "--max-steps", 20, "--trace", trace,
+                      "--video", video)
+    assert proc.returncode == 0, proc.stderr
+    header = read_trace(trace)[0]
+    assert header["kind"] == "run" and "RANDOM WEIGHTS" in header["policy"] and header["sim"] == "libero"
+    assert header["config"]["rate"] == RATE and header["versions"]["torch"]
+    ticks, infs = records(trace, "tick"), records(trace, "inference")
+    assert len(ticks) == 20 and [t["step"] for t in ticks] == list(range(20))
+    for t in ticks:
+        assert t["step_s"] > 0 and t["physics_s"] > 0 and t["render_s"] > 0
+    for r in infs:
+        assert all(r["stages"][s] > 0 for s in ("processor", "generate", "detokenize"))
+        assert r["frame_age_s"] >= 0 and r["queue_wait_s"] >= 0
+    fitted = [b for a, b in zip(ticks, ticks[1:]) if a["overrun_s"] == 0]
+    assert len(fitted) >= 10, "most ticks should fit a 250 ms budget"
+    for t in fitted:
+        assert abs(t["interval_s"] - 1 / RATE) < PACING_TOLERANCE_S
+        assert t["lateness_s"] < PACING_TOLERANCE_S
+    assert ticks[0]["action_source"] == "dummy"
+    assert {t["action_source"] for t in ticks[1:]} <= {"fresh", "held"}
+    assert all(t["action_age_s"] > 0 for t in ticks[1:])
+    assert "stage (ms)" in proc.stdout and "success rate" in proc.stdout
+    assert (tmp_path / "summary.json").exists() and video.stat().st_size > 0
+
+
+def slow_runs(tiny_checkpoint, tmp_path):
+    """The same slow policy (inference ~2.5 ticks) run async and sync."""
+    out = {}
+    for mode in ("async", "sync"):
+        trace = tmp_path / mode / "trace.jsonl"
+        extra = ["--sync"] if mode == "sync" else []
+        proc = rtloop_run("--checkpoint", tiny_checkpoint, "--rate", RATE, "--max-steps", 16, "--inject-delay",
+                          0.6, "--quiet", "--trace", trace, *extra)
+        assert proc.returncode == 0, proc.stderr
+        out[mode] = trace
+    return out
+
+
+def test_slow_policy_async_holds_actions_and_drops_frames_sync_waits(tiny_checkpoint, tmp_path):
+    traces = slow_runs(tiny_checkpoint, tmp_path)
+    ticks, infs = records(traces["async"], "tick"), records(traces["async"], "inference")
+    sources = [t["action_source"] for t in ticks]
+    assert sources.count("held") > sources.count("fresh") > 0  # inference slower than the tick: held
+    dropped = ticks[-1]["frames_dropped_total"]
+    assert dropped > 0  # slower than two ticks: frames are overwritten unread
+    # Every published frame (the reset frame + one per tick) was either taken, dropped, or is still unread.
+    published, taken = len(ticks) + 1, len(infs)
+    assert published - 1 <= taken + dropped <= published
+    fresh_seqs = [t["action_seq"] for t in ticks if t["action_source"] == "fresh"]
+    assert fresh_seqs == sorted(set(fresh_seqs))
+    assert all(r["stages"]["injected_delay"] >= 0.6 for r in infs)
+
+    sync_ticks = records(traces["sync"], "tick")
+    assert {t["action_source"] for t in sync_ticks} == {"fresh"}
+    assert all(t["frames_dropped_total"] == 0 for t in sync_ticks)
+    assert all(t["action_age_s"] >= 0.6 for t in sync_ticks)
+    async_hz = summarize(read_trace(traces["async"]))["sim_hz"]
+    sync_hz = summarize(read_trace(traces["sync"]))["sim_hz"]
+    assert sync_hz < 1 / 0.6 and sync_hz < 0.5 * async_hz  # the blocking loop runs at inference speed
+
+
+def test_sigint_prints_the_summary_and_keeps_the_trace(tiny_checkpoint, tmp_path):
+    """Ctrl-C in the hardest case: the policy in its own process (which must ignore the group's SIGINT)."""
+    trace = tmp_path / "trace.jsonl"
+    cmd = [sys.executable, "-m", "rtloop", "run", "--metrics-port", "0", "--checkpoint", str(tiny_checkpoint),
+           "--rate", str(RATE), "--max-steps", "280", "--trace", str(trace), "--policy-process"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+                            start_new_session=True)
+    try:
+        seen = []
+        for line in proc.stderr:  # the live view's status line (not a TTY: one every 2 s)
+            seen.append(line)
+            step = re.search(r" step (\d+)/", line)
+            if step and int(step.group(1)) >= 3:
+                break
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the whole process group
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    stderr = "".join(seen) + stderr
+    assert proc.returncode == 130, stderr
+    assert "stage (ms)" in stdout and "rtloop: interrupted" in stderr
+    assert read_trace(trace)[0]["policy"].endswith("[own process]")
+    ticks = records(trace, "tick")
+    assert len(ticks) >= 3 and any(t["action_source"] == "fresh" for t in ticks)
+    episode = records(trace, "episode")
+    assert len(episode) == 1 and episode[0]["error"] == "interrupted" and episode[0]["steps"] == len(ticks)
+    assert (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rate", "0"], "--rate must be > 0"),
+        (["--torch-threads", "0"], "--torch-threads must be >= 1"),
+        (["--suite", "libero_nope"], "unknown LIBERO suite 'libero_nope'"),
+        (["--task", "99"], "task id 99 is out of range for libero_object"),
+        (["--checkpoint", "/nonexistent/openvla"], "checkpoint directory /nonexistent/openvla does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(args, message):
+    proc = rtloop_run(*args, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("rtloop: error: ") and message in lines[0]
+
+
+def test_no_egl_is_one_line_and_nonzero(tmp_path):
+    broken = tmp_path / "libEGL.so.1"
+    broken.write_bytes(b"not a shared library")
+    cmd = [sys.executable, "-m", "rtloop", "run", "--metrics-port", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                          env=subprocess_env(LD_LIBRARY_PATH=str(tmp_path)))
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "libEGL cannot be loaded" in proc.stderr
