@@ -37,8 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="profile directory (default profiles/<UTC timestamp>-<machine>)")
     g.add_argument("--machine", default=None, help="machine label for the default directory name (default: hostname)")
     g.add_argument("--rate-hz", type=int, default=100, help="py-spy samples per second (default 100, py-spy's own)")
-    g.add_argument("--no-native", action="store_true",
-                   help="Python frames only (less pause per sample; C/C++ time is charged to the calling line)")
+    g.add_argument("--native", action="store_true",
+                   help="also unwind C/C++ stacks (see inside MuJoCo, Mesa, OpenMP); off by default because it "
+                        "pauses the process longer per sample: on 2 cores it stretches the run ~4x and makes "
+                        "py-spy's on-CPU/idle split unreliable")
     g.add_argument("--idle", action="store_true",
                    help="also sample idle threads (shows where they wait; the per-thread busy shares then mean less)")
     g.add_argument("--torch-calls", type=int, default=5, help="policy.act calls under the torch profiler (default 5; 0 = skip)")
@@ -109,8 +111,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"rtloop profile: {' '.join(target[1:])}", file=sys.stderr)
     load_before = os.getloadavg()[0]
     py_spy = pyspy.find_py_spy()
-    cmd = pyspy.record_command(py_spy, str(speedscope_path), args.rate_hz, not args.no_native, args.idle, target)
-    result = pyspy.probe(py_spy, not args.no_native, str(out_dir))
+    cmd = pyspy.record_command(py_spy, str(speedscope_path), args.rate_hz, args.native, args.idle, target)
+    result = pyspy.probe(py_spy, args.native, str(out_dir))
     if result.ok:
         result = pyspy.record(cmd, str(speedscope_path), str(out_dir / "run.log"))
     else:  # py-spy cannot sample here: say why, run plainly for the stage report and the torch profile
@@ -127,7 +129,7 @@ def main(args: argparse.Namespace) -> int:
     speedscope = None
     if result.ok:
         speedscope = json.loads(speedscope_path.read_text())
-        title = f"rtloop profile {out_dir.name}: py-spy {'--native ' if not args.no_native else ''}at {args.rate_hz} Hz"
+        title = f"rtloop profile {out_dir.name}: py-spy {'--native ' if args.native else ''}at {args.rate_hz} Hz"
         (out_dir / "flamegraph.svg").write_text(render_svg(collapse(speedscope), title))
 
     torch_summary = torch_profile(args, out_dir)
@@ -136,7 +138,7 @@ def main(args: argparse.Namespace) -> int:
         (out_dir / "torch_summary.json").write_text(json.dumps(torch_summary, indent=2) + "\n")
 
     sampling = {"flags": " ".join(cmd[cmd.index("--rate"): cmd.index("--")]), "samples": result.samples,
-                "errors": result.errors, "max_behind_s": result.max_behind_s}
+                "errors": result.errors, "max_behind_s": result.max_behind_s, "native": args.native}
     report = build_report(read_trace(trace), speedscope, torch_stages, pyspy_message, sampling, load)
     report["run_command"] = ["rtloop", *target[3:]]
     text = write_report(out_dir, report, f"rtloop profile {out_dir.name}")

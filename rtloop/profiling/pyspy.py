@@ -6,9 +6,11 @@ Flags, chosen on the 2-core CPU dev machine (py-spy 0.4.3, root):
 - `--threads`: each stack starts with a `thread (tid): name` frame, so the sim thread, the inference
   thread and the event loop are separate towers in the flame graph.
 - `--subprocesses`: `rtloop` may be a console-script wrapper or start helpers; follow them.
-- `--native` (default; `--no-native` turns it off): shows what the C/C++ under Python is doing (MuJoCo,
-  EGL rendering, BLAS/ATen kernels); without it a torch matmul is one opaque Python line. It costs: native
-  unwinding pauses the process longer per sample.
+- `--native` only when asked (`rtloop profile --native`): it shows what the C/C++ under Python is doing
+  (MuJoCo, EGL rendering, OpenMP/ATen kernels; without it a torch matmul is one opaque Python line), but
+  native unwinding pauses the process longer per sample: on 2 cores it stretched a 60-tick LIBERO run ~4x,
+  ~9% of samples failed, and py-spy's idle detection became unreliable (threads in epoll_wait or waiting
+  for the GIL sampled as busy; benfred/py-spy#92). Python-only sampling barely disturbs the loop.
 - no `--idle`: only on-CPU samples are recorded, so a thread's summed sample weight is its busy time,
   which is what the per-thread report needs. `--idle` (opt-in) shows where threads wait instead.
 """

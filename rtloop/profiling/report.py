@@ -3,7 +3,8 @@ and the inference rate that implies.
 
 Stages come from the run's JSONL trace (rtloop's own clock, every tick and inference). Threads come from
 py-spy's on-CPU samples (no --idle): a thread's summed sample weight is the time it was busy. Both are
-shown as fractions of the loop's wall time: per episode, first tick start to last tick end.
+shown as fractions of the loop's wall time: per episode, first tick start to last tick end. Under py-spy
+--native the thread numbers are marked unreliable (NATIVE_CAVEAT); the stage lanes, from the trace, are not.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ LOOP_CALLS = ("act", "step")
 POOL_FILE = "concurrent/futures/thread.py"  # _WorkItem.run: the frame above it is the submitted call
 WORKER_FILE = "rtloop/runtime/worker.py"  # WorkerThread.run wraps the call in `job`
 EVENT_LOOP_FILES = ("asyncio/base_events.py", "anyio/_backends/", "anyio/_core/_eventloop.py")
+NATIVE_CAVEAT = (
+    "unreliable under py-spy --native: native unwinding pauses the process so long that py-spy's idle check "
+    "misses waits (threads in epoll_wait or waiting for the GIL count as on-CPU; benfred/py-spy#92)"
+)
 
 
 def loop_windows(records: list[dict]) -> dict[int, tuple[float, float]]:
@@ -162,12 +167,15 @@ def build_report(trace_records: list[dict], speedscope: dict | None, torch_stage
     shares = stage_shares(trace_records)
     threads = thread_shares(speedscope, shares["wall_s"]) if speedscope else None
     run = next((r for r in trace_records if r["kind"] == "run"), {})
+    native = bool(threads) and bool((sampling or {}).get("native"))
     return {
         "run": {k: run.get(k) for k in ("policy", "sim", "rate", "device", "machine") if k in run},
         "load": load,
         "stages": shares,
         "ceiling": ceiling(trace_records, shares, threads),
         "threads": threads,
+        # On-CPU time per thread, and the one-core ceiling derived from it, cannot be trusted under --native.
+        "threads_caveat": NATIVE_CAVEAT if native else "",
         "pyspy": pyspy_message or "ok",
         "sampling": sampling,
         "torch_trace_stages": torch_stages,
@@ -193,12 +201,15 @@ def format_report(report: dict, title: str) -> str:
             lines.append(f"| {name} | {v['s']:.3f} | {100 * v['fraction']:.1f}% |")
         lines.append("")
     c = report["ceiling"]
+    caveat = report.get("threads_caveat", "")
     if c:
+        one_core = (f"the sim and event loop take {100 * c['others_core_fraction']:.0f}% of a core ({c['others_source']}), "
+                    f"leaving {c['ceiling_hz_one_core']:.2f} Hz if all shared one core")
+        if caveat and c["others_source"].startswith("py-spy"):
+            one_core = f"what one core leaves after the sim and event loop ({c['ceiling_hz_one_core']:.2f} Hz) is {caveat}"
         lines.append(
             f"Inference ceiling: policy stages (processor+generate+detokenize) p50 {1000 * c['policy_s_p50']:.1f} ms "
-            f"-> {c['ceiling_hz']:.2f} Hz with a core to itself; the sim and event loop take "
-            f"{100 * c['others_core_fraction']:.0f}% of a core ({c['others_source']}), leaving "
-            f"{c['ceiling_hz_one_core']:.2f} Hz if all shared one core. Measured: {c['measured_hz']:.2f} Hz."
+            f"-> {c['ceiling_hz']:.2f} Hz with a core to itself; {one_core}. Measured: {c['measured_hz']:.2f} Hz."
         )
         lines.append("")
     if report["threads"]:
@@ -206,6 +217,9 @@ def format_report(report: dict, title: str) -> str:
         if q.get("samples") is not None:
             lines.append(f"py-spy: {q['flags']}, {q['samples']} samples, {q['errors']} failed, fell behind its "
                          f"schedule by up to {q['max_behind_s']:.1f} s (0 = every sample taken on time).")
+            lines.append("")
+        if caveat:
+            lines.append(f"**Thread on-CPU times below are {caveat}.** Read them as where the samples fell, not as busy time.")
             lines.append("")
         lines.append("| thread (py-spy, on-CPU samples) | busy in loop | share of loop wall | busy, by call |")
         lines.append("|---|---:|---:|---|")

@@ -26,9 +26,10 @@ DEFAULT_INSTRUCTION = "pick up the alphabet soup and place it in the basket"
 
 
 def profile_calls(call: Callable[[], object], n_calls: int, out_path: Path, cuda: bool) -> dict:
-    """Run `call` n_calls times under the torch profiler; write the Chrome trace; return a summary of
-    the stage ranges: ms per call from the profiler's clock (a stage may open more than one range per call:
-    act's LIBERO image path and predict_action's input preparation are both `processor`)."""
+    """Run `call` n_calls times under the torch profiler; write the Chrome trace; return, per stage name,
+    the ms each call spent in it (profiler clock), summed over that call's ranges of the name: a stage may
+    open more than one range per call (act's LIBERO image path and predict_action's input preparation are
+    both `processor`, two ranges one after the other), and the JSONL trace likewise adds them up."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -41,9 +42,14 @@ def profile_calls(call: Callable[[], object], n_calls: int, out_path: Path, cuda
     out_path.parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(out_path))
     stages = {}
-    for avg in prof.key_averages():
-        if avg.key in STAGES:
-            stages[avg.key] = {"ranges": avg.count, "ms_per_call": avg.cpu_time_total / 1000 / n_calls}
+    for name in STAGES:
+        ranges = sorted((e for e in prof.events() if e.name == name), key=lambda e: e.time_range.start)
+        if not ranges:
+            continue
+        # Every call opens the same ranges in the same order, so call i owns the i-th run of them.
+        per_call = len(ranges) // n_calls
+        ms = [sum(e.cpu_time_total for e in ranges[i * per_call:(i + 1) * per_call]) / 1000 for i in range(n_calls)]
+        stages[name] = {"ranges_per_call": per_call, "ms_per_call": ms, "ms_per_call_median": float(np.median(ms))}
     return {"calls": n_calls, "activities": [a.name for a in activities], "stages": stages, "path": str(out_path)}
 
 
