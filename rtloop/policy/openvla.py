@@ -81,9 +81,16 @@ class OpenVLAPolicy:
         self._prompt_ids: tuple[str, torch.Tensor] | None = None  # the last prompt, tokenized, on the device
 
         generated = self.config.generated or {}  # set by `rtloop checkpoint make`, absent in real checkpoints
-        self.label = f"openvla {Path(checkpoint_dir).name} ({checkpoint_dir}), engine {self.engine.name}"
+        self._checkpoint_label = f"openvla {Path(checkpoint_dir).name} ({checkpoint_dir})"
         if generated.get("random_weights"):
-            self.label += f", RANDOM WEIGHTS (generated: size {generated.get('size')}, seed {generated.get('seed')})"
+            self._random_label = f", RANDOM WEIGHTS (generated: size {generated.get('size')}, seed {generated.get('seed')})"
+        else:
+            self._random_label = ""
+
+    @property
+    def label(self) -> str:
+        # a property: bench and the profiler swap `engine` on a built policy
+        return f"{self._checkpoint_label}, engine {self.engine.name}{self._random_label}"
 
     def _detokenizer(self, key: str) -> ActionDetokenizer:
         if key not in self._detokenizers:

@@ -32,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "random-weight checkpoint cached under ~/.cache/rtloop)")
     p.add_argument("--unnorm-key", default=None, help="action statistics key (default: the suite's)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--engine", default="eager", help="inference engine (see rtloop bench; default eager)")
+    p.add_argument("--engine", default=None,
+                   help="inference engine: reference, eager, graphed, compiled, with an optional +int8/+fp8 "
+                        "suffix (see rtloop bench; default: compiled on CUDA, eager on CPU)")
     p.add_argument("--sync", action="store_true",
                    help="the blocking baseline: the sim waits for the model every tick")
     p.add_argument("--max-steps", type=int, default=None, help="cap on policy steps per episode")
@@ -112,10 +114,13 @@ def validate(args: argparse.Namespace) -> None:
         from rtloop.runtime.video import check_video_path
 
         check_video_path(args.video)
-    from rtloop.policy.engines import ENGINES
+    from rtloop.policy.engines import check_engine_device
 
-    if args.engine not in ENGINES:
-        raise InputError(f"unknown --engine {args.engine!r}; available: {', '.join(sorted(ENGINES))}")
+    # fastest measured engine on an H100 (profiles/bench-h100-7b.md); the graph engines need CUDA
+    args.device = pick_device(args.device)
+    if args.engine is None:
+        args.engine = "compiled" if args.device.startswith("cuda") else "eager"
+    check_engine_device(args.engine, args.device)
     if args.sim == "libero":
         if os.environ.setdefault("MUJOCO_GL", "egl") == "egl":
             import ctypes
@@ -203,7 +208,7 @@ def main(args: argparse.Namespace) -> int:
 
     validate(args)
     checkpoint = resolve_checkpoint(args.checkpoint)
-    device = pick_device(args.device)
+    device = args.device  # resolved by validate
     if args.torch_threads is None and device == "cpu" and not args.sync:
         # Measured on the 2-core machine: torch's 2 threads and LIBERO's software renderer oversubscribe
         # the CPU and both slow down several-fold (README, runtime section).

@@ -137,6 +137,9 @@ def test_sigint_prints_the_summary_and_keeps_the_trace(tiny_checkpoint, tmp_path
         (["--suite", "libero_nope"], "unknown LIBERO suite 'libero_nope'"),
         (["--task", "99"], "task id 99 is out of range for libero_object"),
         (["--checkpoint", "/nonexistent/openvla"], "checkpoint directory /nonexistent/openvla does not exist"),
+        (["--engine", "turbo"], "unknown engine 'turbo'"),
+        (["--engine", "eager+int4"], "unknown weight format 'int4'"),
+        (["--engine", "compiled", "--device", "cpu"], "engine 'compiled' needs a CUDA device"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message):

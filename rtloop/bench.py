@@ -1,0 +1,392 @@
+"""`rtloop bench`: time predict_action, stage by stage, for each inference engine, side by side in one process.
+
+    rtloop bench                                   # CPU: tiny random checkpoint, engines reference,eager
+    rtloop bench --size 7b --device cuda --quant int8 --out profiles/bench-h100-7b
+
+All engines share ONE model (the reference engine's transformers modules alias its tensors), so a 7B run
+holds one copy of the weights. Quantised variants (`--quant int8` adds `<last listed engine>+int8`; names
+like `compiled+int8` may also be listed) run last, on the model quantised in place (reloaded first if a
+second format is asked for). Each engine: one call per distinct prompt (graph capture, compilation) plus `--warmup` calls,
+excluded; then `--iters` timed `policy.act` calls on the recorded real LIBERO frames, round-robin over tasks.
+
+Reported per engine: p50/p95/p99 of each stage (processor, generate, detokenize) and of the whole
+predict_action (wall time around `act`), Hz (1000 / p50 predict_action), peak memory (CUDA: the allocator's
+peak during the timed calls; CPU: null, see `peak_rss_gb`), and the greedy tokens' agreement with a baseline
+engine (`eager`, or for `X+int8` the bf16 `X`) over `--agreement-frames` frames, with the largest logit error.
+
+The bandwidth floor is measured in the same run: a large device-to-device copy (CPU: a large `copy_`)
+gives GB/s counting bytes read plus written; floor_ms = bytes of Llama weights one forward reads x 7
+forwards / that bandwidth. No engine can generate faster; `generate_over_floor` says how far each is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import resource
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rtloop import clock
+from rtloop.errors import InputError
+from rtloop.policy.base import STAGES
+
+DEFAULT_FRAMES = Path(__file__).resolve().parent.parent / "tests" / "data" / "libero_object_frames.npz"
+N_TOKENS = 7  # 1 prefill + 6 decode forwards: the floor counts 7 passes over the weights
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, help="a checkpoint directory (default: random weights of --size)")
+    p.add_argument("--size", choices=["tiny", "7b"], default="tiny",
+                   help="random weights without --checkpoint: tiny (a generated checkpoint) or 7b (built in device memory)")
+    p.add_argument("--engines", help="comma-separated engine names (default: reference,eager on CPU; "
+                                     "reference,eager,graphed,compiled on CUDA)")
+    p.add_argument("--quant", default="none",
+                   help="comma-separated weight formats (int8, fp8): also run the last listed engine with each")
+    p.add_argument("--iters", type=int, default=20, help="timed calls per engine (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per engine after one per prompt (default 3)")
+    p.add_argument("--agreement-frames", type=int, default=16, help="frames for the token-agreement check (default 16)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--frames", type=Path, default=DEFAULT_FRAMES, help="recorded LIBERO frames (.npz, rtloop.sim.record)")
+    p.add_argument("--out", type=Path, help="write OUT.json and OUT.md (e.g. profiles/bench-h100-7b)")
+
+
+@dataclass
+class Frame:
+    image: np.ndarray  # a raw LIBERO agentview frame, as the sim returns it
+    instruction: str
+
+
+def load_frames(path: Path) -> list[Frame]:
+    """All recorded frames, interleaved across tasks so consecutive calls change frame and prompt."""
+    from rtloop.sim.replay import decode_frames
+
+    if not path.is_file():
+        raise InputError(f"--frames {path}: no such file")
+    with np.load(path, allow_pickle=False) as data:
+        frame_task_ids = data["frame_task_ids"]
+        frames = decode_frames(data["frames_delta"], frame_task_ids)
+        instructions = dict(zip(data["task_ids"].tolist(), data["instructions"].tolist()))
+    per_task = [[Frame(f, instructions[t]) for f, t in zip(frames, frame_task_ids) if t == task] for task in instructions]
+    longest = max(len(fs) for fs in per_task)
+    return [fs[i] for i in range(longest) for fs in per_task if i < len(fs)]
+
+
+def parse_engines(engines: str | None, quant: str, device: str) -> list[str]:
+    """Engine names in run order: the listed ones, then `<engine>+<format>` for each --quant format."""
+    from rtloop.policy.engines import check_engine_device, split_engine_name
+
+    default = "reference,eager,graphed,compiled" if device.startswith("cuda") else "reference,eager"
+    names = [e.strip() for e in (engines or default).split(",")]
+    formats = [q.strip() for q in quant.split(",") if q.strip() and q.strip() != "none"]
+    if formats and (names[-1] == "reference" or "+" in names[-1]):
+        raise InputError("--quant applies to the last engine in --engines, which must be a bf16 engine other than reference")
+    names += [f"{names[-1]}+{q}" for q in formats]
+    for name in names:
+        check_engine_device(name, device)  # unknown engine or format, or CUDA-only on a CPU: one line
+    if len(set(names)) != len(names):
+        raise InputError(f"--engines lists an engine twice: {','.join(names)}")
+    return sorted(names, key=lambda n: split_engine_name(n)[1] != "none")  # bf16 first, stable otherwise
+
+
+def resolve_device(arg: str) -> str:
+    import torch
+
+    if arg == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if arg.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {arg}: CUDA is not available on this machine")
+    if not (arg == "cpu" or arg.startswith("cuda")):
+        raise InputError(f"--device {arg!r}: expected auto, cpu, cuda or cuda:N")
+    return arg
+
+
+class PolicyFactory:
+    """Builds the policy (and its one model) the same way each time: needed again only to reload the
+    weights for a second quantised format."""
+
+    def __init__(self, args: argparse.Namespace, device: str, dtype):
+        self.args, self.device, self.dtype = args, device, dtype
+        self.tmp = tempfile.TemporaryDirectory(prefix="rtloop-bench-")
+
+    @property
+    def label(self) -> str:
+        return str(self.args.checkpoint) if self.args.checkpoint else f"random weights, {self.args.size}"
+
+    def build(self):
+        from rtloop.policy.checkpoint import build_random_model, make_checkpoint
+        from rtloop.policy.openvla import OpenVLAPolicy
+        from rtloop.policy.tokenizer import write_tokenizer_files
+
+        args = self.args
+        if args.checkpoint is not None:
+            return OpenVLAPolicy(args.checkpoint, device=self.device, dtype=self.dtype)
+        path = Path(self.tmp.name) / args.size
+        if args.size == "tiny":  # the real on-disk path: a generated checkpoint, loaded
+            if not path.exists():
+                make_checkpoint("tiny", path, seed=0)
+            return OpenVLAPolicy(path, device=self.device, dtype=self.dtype)
+        # 7b: 15 GB of random weights straight into device memory; the directory holds the tokenizer only
+        if not path.exists():
+            path.mkdir()
+            write_tokenizer_files(path)
+        model = build_random_model("7b", self.device, self.dtype, seed=0)
+        return OpenVLAPolicy(path, device=self.device, dtype=self.dtype, model=model)
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1000.0
+    return {f"p{q}_ms": round(float(np.percentile(ms, q)), 3) for q in (50, 95, 99)}
+
+
+def measure_bandwidth(device: str) -> tuple[float, str]:
+    """GB/s of a large copy, counting bytes read plus bytes written (the floor's bytes are reads only, so
+    this is the rate at which the memory system moves bytes either way)."""
+    import torch
+
+    if device.startswith("cuda"):
+        n, repeats = 1 << 30, 20
+        src = torch.empty(n, dtype=torch.uint8, device=device).random_()
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            dst.copy_(src)
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1000.0
+        method = "device-to-device copy_ of 1 GiB x 20, CUDA events, bytes read + written"
+        del src, dst
+    else:
+        n, repeats = 1 << 28, 5
+        src = torch.empty(n, dtype=torch.uint8).random_()
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        t0 = clock.now()
+        for _ in range(repeats):
+            dst.copy_(src)
+        seconds = clock.now() - t0
+        method = "CPU memcpy (torch copy_) of 256 MiB x 5, bytes read + written"
+    return 2 * n * repeats / seconds / 1e9, method
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run_engine(policy, name: str, frames: list[Frame], args: argparse.Namespace, cuda: bool) -> dict:
+    """Warm up, then time `--iters` calls of policy.act with `name` as the engine."""
+    import torch
+
+    from rtloop.policy.engines import build_engine
+
+    policy.engine = build_engine(name, policy.model)
+    warm = {f.instruction: f for f in frames}  # one call per distinct prompt: every graph bucket captured
+    for frame in list(warm.values()) + [frames[i % len(frames)] for i in range(args.warmup)]:
+        policy.act(frame.image, frame.instruction)
+    build_peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    stages: dict[str, list[float]] = {s: [] for s in STAGES}
+    totals = []
+    for i in range(args.iters):
+        frame = frames[i % len(frames)]
+        t0 = clock.now()
+        out = policy.act(frame.image, frame.instruction)
+        totals.append(clock.now() - t0)
+        for s in STAGES:
+            stages[s].append(out.timings.get(s, 0.0))
+    result = {
+        "stages": {s: percentiles(v) for s, v in stages.items()},
+        "predict_action": percentiles(totals),
+    }
+    result["hz"] = round(1000.0 / result["predict_action"]["p50_ms"], 2)
+    result["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None
+    if cuda:
+        result["build_peak_mem_gb"] = round(build_peak, 3)
+    return result
+
+
+def engine_tokens(policy, frames: list[Frame]):
+    """Greedy tokens [N, 7] and their logits [N, 7, vocab] (float32, on the CPU) of the current engine."""
+    import torch
+
+    from rtloop.policy.processor import build_prompt, pixel_values, prepare_libero_image, tokenize_prompt
+
+    tokens, logits = [], []
+    for f in frames:
+        ids = tokenize_prompt(policy.tokenizer, build_prompt(f.instruction)).to(policy.device)
+        pixels = pixel_values(prepare_libero_image(f.image), policy.device, policy.dtype)
+        t, l = policy.engine.generate_with_logits(pixels, ids)
+        tokens.append(t.cpu())
+        logits.append(l.cpu())
+    return torch.stack(tokens), torch.stack(logits)
+
+
+def agreement(tokens, logits, base_tokens, base_logits) -> dict:
+    """Token agreement with a baseline engine; logit errors only where both saw the same prefix (a step's
+    logits are comparable only while every earlier token agreed)."""
+    import torch
+
+    same = tokens == base_tokens  # [N, 7]
+    prefix_same = torch.cumprod(torch.cat([torch.ones_like(same[:, :1]), same[:, :-1]], dim=1), dim=1).bool()
+    err = (logits - base_logits).abs().amax(dim=-1)  # [N, 7]
+    scale = base_logits.abs().amax(dim=-1)
+    return {
+        "frames": int(tokens.shape[0]),
+        "token_agreement": round(float(same.float().mean()), 4),
+        "sequence_agreement": round(float(same.all(dim=1).float().mean()), 4),
+        "max_abs_logit_err": round(float(err[prefix_same].max()), 5),
+        "max_rel_logit_err": round(float((err / scale)[prefix_same].max()), 5),
+        "max_abs_logit_err_prefill": round(float(err[:, 0].max()), 5),
+    }
+
+
+def baseline_for(name: str, done: dict) -> str | None:
+    from rtloop.policy.engines import split_engine_name
+
+    base, quant = split_engine_name(name)
+    if quant != "none" and base in done:
+        return base  # a quantised engine against the same engine in bf16
+    if name != "eager" and "eager" in done:
+        return "eager"
+    return None
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from rtloop.policy.engines import split_engine_name
+    from rtloop.policy.quant import llama_bytes_per_token
+
+    if args.iters < 1 or args.warmup < 0 or args.agreement_frames < 1:
+        raise InputError("--iters and --agreement-frames must be >= 1, --warmup >= 0")
+    if args.checkpoint is not None and not args.checkpoint.is_dir():
+        raise InputError(f"--checkpoint {args.checkpoint}: no such directory")
+    device = resolve_device(args.device)
+    cuda = device.startswith("cuda")
+    dtype = getattr(torch, "bfloat16" if cuda else "float32") if args.dtype == "auto" else getattr(torch, args.dtype)
+    names = parse_engines(args.engines, args.quant, device)
+    frames = load_frames(args.frames)
+    check_frames = frames[: args.agreement_frames]
+
+    bandwidth, method = measure_bandwidth(device)
+    factory = PolicyFactory(args, device, dtype)
+    policy = factory.build()
+    floor_ms = llama_bytes_per_token(policy.model) * N_TOKENS / (bandwidth * 1e9) * 1000
+    report = {
+        "device": device_name(device),
+        "floor_ms": round(floor_ms, 3),
+        "bandwidth_gbps": round(bandwidth, 1),
+        "bandwidth_method": method,
+        "checkpoint": factory.label,
+        "size": None if args.checkpoint else args.size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "iterations": args.iters,
+        "warmup": args.warmup,
+        "frames": f"{args.frames.name}: {len(frames)} recorded LIBERO frames, {len({f.instruction for f in frames})} tasks",
+        "torch": torch.__version__,
+        "peak_mem": "CUDA allocator peak during the timed calls" if cuda else "null on CPU: see peak_rss_gb",
+        "engines": {},
+    }
+    outputs: dict[str, tuple] = {}
+    fmt = "none"
+    for name in names:
+        _, quant = split_engine_name(name)
+        if quant != fmt:
+            if fmt != "none":  # a second format needs the bf16 weights again
+                policy = _rebuild(policy, factory)
+            fmt = quant  # build_engine quantises the model in place
+        print(f"[bench] {name}: warm-up and {args.iters} calls ...", flush=True)
+        result = run_engine(policy, name, frames, args, cuda)
+        if quant != "none":
+            result["floor_ms"] = round(llama_bytes_per_token(policy.model) * N_TOKENS / (bandwidth * 1e9) * 1000, 3)
+        result["generate_over_floor"] = round(result["stages"]["generate"]["p50_ms"] / result.get("floor_ms", floor_ms), 2)
+        outputs[name] = engine_tokens(policy, check_frames)
+        report["engines"][name] = result
+        policy.engine = None  # drop graphs, HF modules, compiled code before the next engine
+        torch.compiler.reset()  # compiled code may hold the weights it was compiled for
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        finish(report, outputs, cuda)
+        if args.out is not None:  # after every engine: a run cut short still leaves what it measured
+            write(report, args.out)
+    print(markdown(report))
+    if args.out is not None:
+        print(f"[bench] wrote {write(report, args.out)}.json and .md")
+    return 0
+
+
+def finish(report: dict, outputs: dict, cuda: bool) -> None:
+    """The cross-engine numbers: agreement with each engine's baseline, speed-up over reference."""
+    for name, result in report["engines"].items():
+        base = baseline_for(name, outputs)
+        if base is not None:
+            result["agreement"] = {"baseline": base, **agreement(*outputs[name], *outputs[base])}
+    if "reference" in report["engines"]:
+        ref = report["engines"]["reference"]["predict_action"]["p50_ms"]
+        for result in report["engines"].values():
+            result["speedup_vs_reference"] = round(ref / result["predict_action"]["p50_ms"], 2)
+    if not cuda:
+        report["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)  # whole process
+
+
+def write(report: dict, out: Path) -> Path:
+    out = out.with_suffix("") if out.suffix == ".json" else out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    return out
+
+
+def _rebuild(policy, factory: PolicyFactory):
+    import torch
+
+    del policy.model, policy.engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return factory.build()
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# rtloop bench: {report['device']}",
+        "",
+        f"Model: {report['checkpoint']} ({report['dtype']}); {report['iterations']} timed calls per engine after "
+        f"warm-up; frames: {report['frames']}; torch {report['torch']}.",
+        f"Bandwidth {report['bandwidth_gbps']} GB/s ({report['bandwidth_method']}); "
+        f"floor for 7 passes over the Llama weights: **{report['floor_ms']} ms**.",
+        "",
+        "| engine | processor p50 | generate p50 / p95 / p99 | detokenize p50 | predict_action p50 / p95 / p99 "
+        "| Hz | x reference | generate / floor | peak mem GB | tokens = baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in report["engines"].items():
+        st, pa = r["stages"], r["predict_action"]
+        gen = st["generate"]
+        agree = r.get("agreement")
+        agree_text = f"{agree['token_agreement']:.0%} vs {agree['baseline']}" if agree else "(baseline)"
+        mem = "n/a" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.2f}"
+        lines.append(
+            f"| {name} | {st['processor']['p50_ms']:.2f} | {gen['p50_ms']:.2f} / {gen['p95_ms']:.2f} / "
+            f"{gen['p99_ms']:.2f} | {st['detokenize']['p50_ms']:.2f} | **{pa['p50_ms']:.2f}** / {pa['p95_ms']:.2f} / "
+            f"{pa['p99_ms']:.2f} | {r['hz']:.1f} | {r.get('speedup_vs_reference', float('nan')):.1f} | "
+            f"{r['generate_over_floor']:.2f} | {mem} | {agree_text} |"
+        )
+    lines += ["", "All times in ms. Hz = 1000 / predict_action p50."]
+    return "\n".join(lines) + "\n"

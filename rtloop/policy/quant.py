@@ -1,0 +1,88 @@
+"""Weight-only quantisation of the Llama linears: int8 or fp8 (e4m3) weights, one scale per output channel.
+
+Decoding at batch 1 reads every weight once per token and does almost no arithmetic with it, so its time is
+the bytes of the weights over the memory bandwidth: 1-byte weights halve it. Activations stay in bf16.
+`forward` is `F.linear(x, w.to(x.dtype)) * scale`: run eagerly it materialises the bf16 weight (slower than
+bf16); TorchInductor is meant to fuse the conversion into its batch-1 matmul kernel (the `compiled` engine)
+so that only the 1-byte weights are read (gpt-fast's int8 recipe). Measured on an H100 with torch 2.11 it
+does not pay off yet: `compiled+int8` generates in 69 ms against bf16's 45-50 ms, in 9.0 GB instead of 15.4
+(profiles/gpu-h100.md); a hand-written int8 GEMV kernel is the next step. The vision towers and projector stay in bf16:
+they run once per action on 256 tokens and are compute-, not bandwidth-bound.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rtloop.errors import InputError
+
+QUANT_MODES = ("none", "int8", "fp8")
+_STORAGE = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}  # dtype, largest magnitude
+
+
+class WeightOnlyLinear(nn.Module):
+    """A bias-free nn.Linear whose weight is stored in 1 byte per element with a per-row scale."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.register_buffer("weight", weight)  # [out, in], int8 or float8_e4m3fn
+        self.register_buffer("scale", scale)  # [out], the original weight's dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype)) * self.scale
+
+
+def quantize_weight(weight: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] float weight -> (1-byte weight, scale [out]) with weight ~= q * scale[:, None]."""
+    dtype, top = _STORAGE[mode]
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / top
+    q = w / scale[:, None]
+    q = q.round().clamp(-128, 127).to(dtype) if mode == "int8" else q.to(dtype)
+    return q, scale.to(weight.dtype)
+
+
+def weight_format(model) -> str:
+    """'none', 'int8' or 'fp8': how the model's Llama linears are stored now."""
+    for module in model.language_model.modules():
+        if isinstance(module, WeightOnlyLinear):
+            return module.mode
+    return "none"
+
+
+@torch.no_grad()
+def quantize_(model, mode: str) -> None:
+    """Replace every nn.Linear of the Llama decoder layers (attention, MLP) by a WeightOnlyLinear, in place,
+    one at a time (the peak is one float32 copy of one matrix). Irreversible for this model. `lm_head` (2% of
+    the bytes) stays in bf16: the argmax over 32064 logits is where rounding would flip tokens first."""
+    if mode not in QUANT_MODES:
+        raise InputError(f"unknown weight format {mode!r}; available: {', '.join(QUANT_MODES)}")
+    current = weight_format(model)
+    if mode == current:
+        return
+    if current != "none":
+        raise InputError(f"the model is already quantised to {current}; load it again to use {mode}")
+    layers = model.language_model.model.layers
+    targets = [(name, m) for name, m in layers.named_modules() if isinstance(m, nn.Linear)]
+    for name, linear in targets:
+        if linear.bias is not None:
+            raise InputError(f"cannot quantise {name}: Llama linears have no bias")
+        parent_name, _, attr = name.rpartition(".")
+        setattr(layers.get_submodule(parent_name), attr, WeightOnlyLinear(*quantize_weight(linear.weight, mode), mode))
+        linear.weight = None  # free the bf16 matrix now, not after the loop
+
+
+def llama_bytes_per_token(model) -> int:
+    """Bytes of Llama weights one forward reads at batch 1: every matrix, scale and norm, but only one row
+    of the token embedding (which is why it is left out). KV caches, mask and RoPE tables are not counted."""
+    lm = model.language_model
+    tensors = dict(lm.named_parameters())
+    tensors.update(lm.named_buffers())
+    return sum(
+        t.numel() * t.element_size()
+        for name, t in tensors.items()
+        if name.endswith(("weight", "scale")) and not name.startswith("model.embed_tokens")
+    )

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# What produced profiles/bench-h100-7b.{json,md}: run from the repository root on a CUDA machine that has
+# torch and transformers (no install needed: PYTHONPATH). Writes everything under ${OUT:-out/gpu}.
+#   bash scripts/gpu_bench.sh [bench|profile|tests|parity|run ...]   (default: bench profile tests parity)
+set -u
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+LOG="$OUT/log.txt"
+steps=${*:-bench profile tests parity}
+
+say() { echo "=== $* ($(date +%T))" | tee -a "$LOG"; }
+
+say "machine"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  python3 -c "import rtloop.cli as c; c.build_parser(); print('rtloop.cli imports without LIBERO/py-spy')"
+} 2>&1 | tee -a "$LOG"
+
+for step in $steps; do
+  case $step in
+  bench)
+    say "rtloop bench 7b"
+    timeout ${BENCH_TIMEOUT:-360} python3 -m rtloop bench --size 7b --device cuda \
+      --engines "${ENGINES:-reference,eager,graphed,compiled}" --quant "${QUANT:-int8}" --iters "${ITERS:-50}" \
+      --warmup 5 --agreement-frames 32 --out "$OUT/${BENCH_NAME:-bench-h100-7b}" 2>&1 | tee -a "$LOG" ;;
+  tests)
+    say "pytest -m gpu"
+    timeout 100 python3 -m pytest -q -m gpu tests/policy/test_engines.py 2>&1 | tee -a "$LOG" ;;
+  parity)
+    say "vit timm parity"
+    timeout 60 python3 scripts/vit_timm_parity.py --device cuda > "$OUT/vit_timm_parity-h100.json" 2>>"$LOG"
+    echo "exit $?" | tee -a "$LOG" ;;
+  profile)
+    for engine in ${PROFILE_ENGINES:-graphed}; do
+      say "torch profile, 7b $engine"
+      timeout 150 python3 -m rtloop.profiling.torch_trace --size 7b --device cuda --engine "$engine" \
+        --calls 5 --out "/tmp/torch-profile-$engine" 2>&1 | tail -5 | tee -a "$LOG"
+      gzip -c "/tmp/torch-profile-$engine/torch_trace.json" > "$OUT/torch_trace-7b-${engine//+/_}.json.gz"
+      cp "/tmp/torch-profile-$engine/torch_summary.json" "$OUT/torch_summary-7b-${engine//+/_}.json"
+    done ;;
+  run)
+    # the runtime on recorded real LIBERO frames (--sim replay: no LIBERO on this machine), 7b random
+    # weights from a real on-disk checkpoint, one run per engine
+    # (`rtloop checkpoint make --size 7b` draws 7.5e9 numbers on the CPU: >200 s there; this builds the same
+    # kind of random model on the GPU and writes it as one model.safetensors in ~30 s)
+    say "write a 7b random checkpoint"
+    [ -f /tmp/ck7b/config.json ] || timeout 200 python3 - <<'EOF' 2>&1 | tee -a "$LOG"
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from rtloop.policy.checkpoint import build_random_model, make_config
+from rtloop.policy.tokenizer import write_tokenizer_files
+
+out = Path("/tmp/ck7b")
+out.mkdir(exist_ok=True)
+model = build_random_model("7b", "cuda", torch.bfloat16, seed=0)
+save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out / "model.safetensors"), {"format": "pt"})
+write_tokenizer_files(out)
+(out / "config.json").write_text(json.dumps(make_config("7b", 0), indent=2) + "\n")
+print("wrote", out)
+EOF
+    for engine in ${RUN_ENGINES:-graphed reference}; do
+      say "rtloop run --engine $engine"
+      timeout 120 python3 -m rtloop run --rate 20 --sim replay --engine "$engine" --device cuda \
+        --checkpoint /tmp/ck7b --max-steps "${STEPS:-240}" --quiet --metrics-port 0 \
+        --trace "/tmp/runs/run-$engine/trace.jsonl" 2>&1 | tee -a "$LOG"
+      mkdir -p "$OUT/run-$engine" && cp "/tmp/runs/run-$engine/summary.json" "$OUT/run-$engine/"
+    done
+    tar -C /tmp/runs -czf "$OUT/runs.tar.gz" . ;;
+  esac
+done
+say "done"

@@ -1,0 +1,53 @@
+"""`rtloop bench` as a user runs it: a real CLI process on the tiny checkpoint and the recorded LIBERO frames."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def rtloop(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rtloop", *argv], capture_output=True, text=True, timeout=timeout)
+
+
+def test_bench_writes_the_comparable_report(tmp_path):
+    out = tmp_path / "bench-cpu-tiny"
+    r = rtloop("bench", "--device", "cpu", "--engines", "reference,eager", "--iters", "2", "--warmup", "0",
+               "--agreement-frames", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["device"].startswith("cpu") and report["floor_ms"] > 0 and report["bandwidth_gbps"] > 0
+    assert report["size"] == "tiny" and report["iterations"] == 2
+    assert list(report["engines"]) == ["reference", "eager"]
+    for result in report["engines"].values():
+        assert set(result["stages"]) == {"processor", "generate", "detokenize"}
+        for timing in [*result["stages"].values(), result["predict_action"]]:
+            assert 0 < timing["p50_ms"] <= timing["p95_ms"] <= timing["p99_ms"]
+        assert result["hz"] == pytest.approx(1000 / result["predict_action"]["p50_ms"], rel=0.01)
+        assert result["peak_mem_gb"] is None  # CPU: no allocator peak; the process RSS is reported instead
+    assert report["peak_rss_gb"] > 0
+    # the official-path engine and ours pick the same greedy tokens on real frames
+    assert report["engines"]["reference"]["agreement"]["baseline"] == "eager"
+    assert report["engines"]["reference"]["agreement"]["token_agreement"] == 1.0
+    table = out.with_suffix(".md").read_text()
+    assert "| reference |" in table and "| eager |" in table and "floor" in table
+    assert "| eager |" in r.stdout  # the same table on screen
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--engines", "graphed", "--device", "cpu"], "engine 'graphed' needs a CUDA device"),
+        (["--engines", "eager,turbo", "--device", "cpu"], "unknown engine 'turbo'"),
+        (["--quant", "int4", "--device", "cpu"], "unknown weight format 'int4'"),
+        (["--iters", "0"], "--iters and --agreement-frames must be >= 1"),
+        (["--checkpoint", "/nonexistent/ckpt"], "no such directory"),
+    ],
+)
+def test_bench_bad_input_is_one_line(argv, message):
+    r = rtloop("bench", *argv, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
