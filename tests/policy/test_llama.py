@@ -11,6 +11,7 @@ from rtloop.policy.config import LlamaArgs
 from rtloop.policy.llama import Llama
 
 transformers = pytest.importorskip("transformers")
+from hf_llama import hf_twin  # noqa: E402  (needs transformers)
 
 ATOL = 1e-4
 # GQA (2 kv heads for 4 query heads) so the repeat path is exercised too; the 7B model has none.
@@ -29,16 +30,7 @@ def pair():
                 p.uniform_(0.5, 1.5)
             else:
                 p.normal_(0.0, 0.1)
-    hf_config = transformers.LlamaConfig(
-        vocab_size=ARGS.vocab_size, hidden_size=ARGS.hidden_size, num_hidden_layers=ARGS.num_hidden_layers,
-        num_attention_heads=ARGS.num_attention_heads, num_key_value_heads=ARGS.num_key_value_heads,
-        intermediate_size=ARGS.intermediate_size, rms_norm_eps=ARGS.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": ARGS.rope_theta},
-        max_position_embeddings=ARGS.max_position_embeddings, attn_implementation="eager",
-    )
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    hf.load_state_dict(ours.state_dict(), strict=True)  # same key names: this is the layout check
-    return ours.eval(), hf
+    return ours.eval(), hf_twin(ours)
 
 
 def _prompt(batch=1, length=20, seed=1):

@@ -7,6 +7,7 @@ import torch
 from rtloop.policy.checkpoint import build_meta_model, build_random_model, count_parameters
 
 transformers = pytest.importorskip("transformers")
+from hf_llama import hf_twin  # noqa: E402  (needs transformers)
 
 PROMPT = torch.tensor([[1, 512, 1724, 3158, 881, 278, 19964, 2125, 304, 5839, 29973, 13, 3744, 29901, 29871]])
 
@@ -24,18 +25,6 @@ def model():
     return build_random_model("tiny", "cpu", torch.float32, seed=0)
 
 
-def _hf_llama(model):
-    a = model.config.llm
-    config = transformers.LlamaConfig(
-        vocab_size=a.vocab_size, hidden_size=a.hidden_size, num_hidden_layers=a.num_hidden_layers,
-        num_attention_heads=a.num_attention_heads, num_key_value_heads=a.num_key_value_heads,
-        intermediate_size=a.intermediate_size, rms_norm_eps=a.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta},
-        max_position_embeddings=a.max_position_embeddings, attn_implementation="eager",
-    )
-    hf = transformers.LlamaForCausalLM(config).eval()
-    hf.load_state_dict(model.language_model.state_dict(), strict=True)
-    return hf
 
 
 @torch.no_grad()
@@ -45,7 +34,7 @@ def test_generate_matches_hf_llama_on_spliced_embeddings(model):
     tokens = model.generate_action_tokens(pixels, PROMPT, n_tokens=7)
     assert tokens.shape == (1, 7) and tokens.dtype == torch.long
 
-    hf = _hf_llama(model)
+    hf = hf_twin(model.language_model)
     embed = hf.get_input_embeddings()
     patches = model.embed_images(pixels)
     assert patches.shape == (1, 256, 64)
