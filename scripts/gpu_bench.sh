@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # What produced profiles/bench-h100-7b.{json,md}: run from the repository root on a CUDA machine that has
 # torch and transformers (no install needed: PYTHONPATH). Writes everything under ${OUT:-out/gpu}.
-#   bash scripts/gpu_bench.sh [bench|profile|tests|parity|run ...]   (default: bench profile tests parity)
+#   bash scripts/gpu_bench.sh [kernels|bench|profile|tests|parity|run ...]   (default: kernels bench profile tests parity)
 set -u
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 LOG="$OUT/log.txt"
-steps=${*:-bench profile tests parity}
+steps=${*:-kernels bench profile tests parity}
 
 say() { echo "=== $* ($(date +%T))" | tee -a "$LOG"; }
 
@@ -19,14 +19,18 @@ say "machine"
 
 for step in $steps; do
   case $step in
+  kernels)
+    say "gemv microbenchmark"
+    timeout ${KERNELS_TIMEOUT:-150} python3 scripts/gemv_bench.py --out "$OUT/gemv-h100.json" 2>&1 | tee -a "$LOG" ;;
   bench)
     say "rtloop bench 7b"
     timeout ${BENCH_TIMEOUT:-360} python3 -m rtloop bench --size 7b --device cuda \
-      --engines "${ENGINES:-reference,eager,graphed,compiled}" --quant "${QUANT:-int8}" --iters "${ITERS:-50}" \
+      --engines "${ENGINES:-reference,eager,graphed,compiled}" --quant "${QUANT:-int8,fp8}" --iters "${ITERS:-50}" \
       --warmup 5 --agreement-frames 32 --out "$OUT/${BENCH_NAME:-bench-h100-7b}" 2>&1 | tee -a "$LOG" ;;
   tests)
     say "pytest -m gpu"
-    timeout 100 python3 -m pytest -q -m gpu tests/policy/test_engines.py 2>&1 | tee -a "$LOG" ;;
+    timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -x tests/policy/test_kernels.py tests/policy/test_engines.py \
+      tests/policy/test_model.py 2>&1 | tail -15 | tee -a "$LOG" ;;
   parity)
     say "vit timm parity"
     timeout 60 python3 scripts/vit_timm_parity.py --device cuda > "$OUT/vit_timm_parity-h100.json" 2>>"$LOG"

@@ -1,9 +1,13 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's CPU interpreter; read when rtloop.policy.kernels is first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

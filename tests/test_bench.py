@@ -23,7 +23,8 @@ def test_bench_writes_the_comparable_report(tmp_path):
     assert report["size"] == "tiny" and report["iterations"] == 2
     assert list(report["engines"]) == ["reference", "eager"]
     for result in report["engines"].values():
-        assert set(result["stages"]) == {"processor", "generate", "detokenize"}
+        assert set(result["stages"]) == {"libero_image", "processor", "generate", "detokenize"}
+        assert result["warmup_s"] >= 0
         for timing in [*result["stages"].values(), result["predict_action"]]:
             assert 0 < timing["p50_ms"] <= timing["p95_ms"] <= timing["p99_ms"]
         assert result["hz"] == pytest.approx(1000 / result["predict_action"]["p50_ms"], rel=0.01)

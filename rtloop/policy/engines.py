@@ -15,10 +15,11 @@ the caller synchronises (that is what the `generate` stage timing charges).
   use): the padding sits after the real prompt, so causal attention never lets a real position see it, and
   the first decode step overwrites it in the cache. CUDA only: on CPU it is an InputError, no fallback.
 - `compiled`: `graphed` with its three stages (vision + projector, prefill, decode step) compiled by
-  TorchInductor first: fused LayerNorm/GELU/RMSNorm/RoPE/SiLU, and the batch-1 decode matmuls as Triton
-  reductions that also fuse the dequantisation of int8/fp8 weights (gpt-fast's recipe). Inductor's own CUDA
-  graphs stay off: we capture its kernels in our one graph, as above. Compiling takes a minute or two (7B,
-  H100); with quantised weights only the decode step is compiled (see `GraphedEngine.__init__`).
+  TorchInductor first (fused LayerNorm/GELU/RMSNorm/RoPE), and every batch-1 linear of the decode step on
+  our own Triton GEMV (`rtloop.policy.kernels`: [q; k; v] and [gate; up] fused, SwiGLU in the same pass,
+  1-byte weights widened in registers); quantised prefills on 8-bit tensor cores. Inductor's own CUDA
+  graphs stay off: we capture its kernels in our one graph, as above. Compiling and autotuning take a minute
+  or two (7B, H100).
 
 Engine names may carry a weight format, e.g. `compiled+int8`: the same engine, on a model whose Llama
 linears `build_engine` first quantises in place with `rtloop.policy.quant` (see `split_engine_name`).
@@ -54,6 +55,7 @@ class EagerEngine:
     def __init__(self, model, n_tokens: int = 7):
         self.model = model
         self.n_tokens = n_tokens
+        model.language_model.set_kernels(False)
 
     def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.generate_action_tokens(pixel_values, input_ids, self.n_tokens)[0]
@@ -167,19 +169,15 @@ class GraphedEngine:
         self.pool = torch.cuda.graph_pool_handle()
         self.captured_with: list[object] = []  # the caches each graph writes: kept alive with the graph
         self.encode, self.prefill, self.decode = self._encode, self._prefill, self._decode
+        model.language_model.set_kernels(self.compile_stages)
         if self.compile_stages:
-            import torch._inductor.config as inductor_config
+            from rtloop.policy import kernels
 
-            from rtloop.policy.quant import weight_format
-
-            # batch-1 matmuls become Triton reductions (with the weight dequantisation fused) only with this
-            inductor_config.coordinate_descent_tuning = True
+            if not kernels.available(device):
+                raise InputError(f"engine {self.name!r} needs Triton (pip install triton) for its decode kernels")
+            self.encode = torch.compile(self._encode, fullgraph=True, dynamic=False)
+            self.prefill = torch.compile(self._prefill, fullgraph=True, dynamic=False)
             self.decode = torch.compile(self._decode, fullgraph=True, dynamic=False)
-            if weight_format(model) == "none":
-                # measured on an H100 (torch 2.11): with int8 weights the compiled prefill took 4.1 s a
-                # call, so quantised models compile the decode step only
-                self.encode = torch.compile(self._encode, fullgraph=True, dynamic=False)
-                self.prefill = torch.compile(self._prefill, fullgraph=True, dynamic=False)
 
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.embed_images(pixel_values)
@@ -190,7 +188,7 @@ class GraphedEngine:
         token_embeds = lm.model.embed_tokens(input_ids)
         x = torch.cat([token_embeds[:, :1], patches.to(token_embeds.dtype), token_embeds[:, 1:]], dim=1)
         hidden = lm.hidden_states(x, self.positions[: x.shape[1]])
-        logits = lm.lm_head(hidden.index_select(1, last_index))[:, 0]
+        logits = lm.head(hidden.index_select(1, last_index))[:, 0]
         return logits.float(), logits.argmax(dim=-1, keepdim=True)
 
     def _decode(self, token: torch.Tensor, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

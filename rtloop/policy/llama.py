@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtloop.policy.config import LlamaArgs
+from rtloop.policy.linear import FusedLinear
 
 
 class KVCache(nn.Module):
@@ -70,13 +71,17 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
+        self.qkv: FusedLinear | None = None  # [q; k; v] and o_proj as run: see Llama.fuse_linears
+        self.out: FusedLinear | None = None
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, input_pos):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        kv_dim = self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k, v = self.kv_cache.update(input_pos, k, v)
@@ -84,7 +89,7 @@ class SelfAttention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
@@ -93,9 +98,11 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_up: FusedLinear | None = None  # silu(gate) * up in one pass, and down_proj, as run
+        self.down: FusedLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down(self.gate_up(x))
 
 
 class DecoderLayer(nn.Module):
@@ -129,11 +136,38 @@ class Llama(nn.Module):
         self.args = args
         self.model = LlamaDecoder(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.head: FusedLinear | None = None  # lm_head as run
+        self.use_kernels = False
         self.max_batch = 0
         self.max_seq_len = 0
 
+    def fuse_linears(self) -> None:
+        """(Re)build the FusedLinears the forward runs: [q; k; v], o, [gate; up] (gated), down, lm_head.
+        Idempotent; rebuilds only those whose named modules changed (e.g. quantised)."""
+
+        def fused(current, parts, gated=False):
+            if current is not None and current.is_built_from(parts):
+                current.use_kernels = self.use_kernels
+                return current
+            return FusedLinear(parts, gated, self.use_kernels)
+
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv = fused(attn.qkv, [attn.q_proj, attn.k_proj, attn.v_proj])
+            attn.out = fused(attn.out, [attn.o_proj])
+            mlp.gate_up = fused(mlp.gate_up, [mlp.gate_proj, mlp.up_proj], gated=True)
+            mlp.down = fused(mlp.down, [mlp.down_proj])
+        self.head = fused(self.head, [self.lm_head])
+
+    def set_kernels(self, enabled: bool) -> None:
+        """Run one-row (decode) linears and quantised prefills on rtloop.policy.kernels (CUDA + Triton)."""
+        self.use_kernels = enabled
+        self.fuse_linears()
+
     def setup_caches(self, max_batch: int, max_seq_len: int, device=None, dtype=None) -> None:
-        """Allocate the KV caches, the causal mask and the RoPE tables (defaults: the weights' device/dtype)."""
+        """Allocate the KV caches, the causal mask and the RoPE tables (defaults: the weights' device/dtype),
+        and fuse the linears (see `fuse_linears`)."""
+        self.fuse_linears()
         weight = self.lm_head.weight
         device = weight.device if device is None else device
         dtype = weight.dtype if dtype is None else dtype
@@ -166,4 +200,4 @@ class Llama(nn.Module):
         """Token ids [B, T] or embeddings [B, T, D] at positions input_pos [T] -> logits [B, T, vocab]."""
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
-        return self.lm_head(self.hidden_states(inputs_embeds, input_pos))
+        return self.head(self.hidden_states(inputs_embeds, input_pos))

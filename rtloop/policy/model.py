@@ -70,7 +70,7 @@ class OpenVLA(nn.Module):
         x = torch.cat([token_embeds[:, :1], patch_embeds.to(token_embeds.dtype), token_embeds[:, 1:]], dim=1)
         input_pos = torch.arange(x.shape[1], device=x.device)
         hidden = self.language_model.hidden_states(x, input_pos)
-        return self.language_model.lm_head(hidden[:, -1])
+        return self.language_model.head(hidden[:, -1])
 
     def decode_step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """token [B, 1] at position input_pos [1] -> logits [B, vocab]."""

@@ -65,24 +65,24 @@ def quantize_(model, mode: str) -> None:
         return
     if current != "none":
         raise InputError(f"the model is already quantised to {current}; load it again to use {mode}")
-    layers = model.language_model.model.layers
-    targets = [(name, m) for name, m in layers.named_modules() if isinstance(m, nn.Linear)]
-    for name, linear in targets:
-        if linear.bias is not None:
-            raise InputError(f"cannot quantise {name}: Llama linears have no bias")
-        parent_name, _, attr = name.rpartition(".")
-        setattr(layers.get_submodule(parent_name), attr, WeightOnlyLinear(*quantize_weight(linear.weight, mode), mode))
-        linear.weight = None  # free the bf16 matrix now, not after the loop
+    lm = model.language_model
+    for layer in lm.model.layers:
+        # drop the fused matrices first, or they would keep every bf16 weight alive until the end
+        layer.self_attn.qkv = layer.self_attn.out = layer.mlp.gate_up = layer.mlp.down = None
+        for name, linear in [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]:
+            if linear.bias is not None:
+                raise InputError(f"cannot quantise {name}: Llama linears have no bias")
+            parent_name, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(parent_name), attr, WeightOnlyLinear(*quantize_weight(linear.weight, mode), mode))
+            linear.weight = None  # free the bf16 matrix now, not after the loop
+    lm.fuse_linears()
 
 
 def llama_bytes_per_token(model) -> int:
     """Bytes of Llama weights one forward reads at batch 1: every matrix, scale and norm, but only one row
     of the token embedding (which is why it is left out). KV caches, mask and RoPE tables are not counted."""
-    lm = model.language_model
-    tensors = dict(lm.named_parameters())
-    tensors.update(lm.named_buffers())
-    return sum(
+    return sum(  # state_dict: each tensor once, under its checkpoint name (fused matrices are views of them)
         t.numel() * t.element_size()
-        for name, t in tensors.items()
+        for name, t in model.language_model.state_dict().items()
         if name.endswith(("weight", "scale")) and not name.startswith("model.embed_tokens")
     )

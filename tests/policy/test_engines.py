@@ -127,3 +127,15 @@ def test_compiled_matches_eager_on_cuda(tiny_checkpoint, frames):
     tokens, logits = _run(policy, "compiled", frames)
     assert torch.equal(tokens, eager_tokens)
     assert (logits - eager_logits).abs().max() < 1e-2
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_compiled_quantised_mostly_matches_bf16_on_cuda(tiny_checkpoint, frames, fmt):
+    """compiled+int8/fp8 (Triton GEMV decode, 8-bit tensor-core prefill) against compiled in bf16."""
+    policy = _policy(tiny_checkpoint, "cuda", torch.bfloat16)
+    base, _ = _run(policy, "compiled", frames)
+    tokens, _ = _run(policy, f"compiled+{fmt}", frames)
+    assert weight_format(policy.model) == fmt
+    assert (tokens == base).float().mean() >= 0.75

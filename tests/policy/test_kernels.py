@@ -1,0 +1,122 @@
+"""The compiled engine's kernels against plain torch. Without a GPU the Triton kernel runs in Triton's
+interpreter (TRITON_INTERPRET=1, set by conftest.py; numpy on the CPU): the same kernel source, the same indexing and masks, so
+a wrong offset or a missing scale fails here; only speed needs the GPU (`rtloop bench`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rtloop.policy import kernels
+from rtloop.policy.linear import FusedLinear
+from rtloop.policy.quant import quantize_, quantize_weight, weight_format
+
+pytestmark = pytest.mark.skipif(not kernels.available(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+                                reason="needs Triton (and CUDA, or TRITON_INTERPRET=1 as tests/conftest.py sets)")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _close(y, ref, rel):
+    err = (y.float() - ref.float()).abs().max()
+    assert err <= rel * ref.float().abs().max(), f"max error {err:.4g} vs max {ref.abs().max():.4g}"
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("shape", [(64, 256), (40, 200)])  # even tiles, and rows/columns that need masks
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "fp8"])
+def test_gemv_matches_torch(fmt, shape, gated):
+    N, K = shape
+    g = torch.Generator().manual_seed(N + K)
+    x = torch.randn(1, 1, K, generator=g)
+    w = torch.randn(N, K, generator=g)
+    if fmt in ("int8", "fp8"):
+        x = x.bfloat16()
+        w, scale = quantize_weight(w.bfloat16(), fmt)
+        scale = scale.to(DEVICE)
+    else:
+        dtype = getattr(torch, fmt)
+        x, w, scale = x.to(dtype), w.to(dtype), None
+    x, w = x.to(DEVICE), w.to(DEVICE)
+    y = kernels.gemv(x, w, scale, gated)
+    assert y.shape == (1, 1, N // 2 if gated else N) and y.dtype == x.dtype
+    _close(y, kernels.gemv_reference(x, w, scale, gated), 1e-5 if fmt == "float32" else 2e-2)
+    if not gated:  # and the reference is the matrix product it claims to be
+        wf = w.float() * (1 if scale is None else scale.float()[:, None])
+        _close(kernels.gemv_reference(x, w, scale, False), x.float() @ wf.t(), 1e-2)
+
+
+@pytest.mark.parametrize("fmt, matmul, rel", [("int8", kernels.int8_matmul, 0.03), ("fp8", kernels.fp8_matmul, 0.08)])
+def test_8bit_prefill_matmuls_approximate_the_float_product(fmt, matmul, rel):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 256, generator=g).bfloat16()
+    w = torch.randn(64, 256, generator=g)
+    q, scale = quantize_weight(w.bfloat16(), fmt)
+    y = matmul(x.to(DEVICE), q.to(DEVICE), scale.to(DEVICE))
+    assert y.shape == (32, 64) and y.dtype == torch.bfloat16
+    _close(y.cpu(), x.float() @ w.t(), rel)
+
+
+def _linears(*shapes):
+    g = torch.Generator().manual_seed(2)
+    mods = []
+    for out_f, in_f in shapes:
+        m = torch.nn.Linear(in_f, out_f, bias=False)
+        m.weight.data = torch.randn(out_f, in_f, generator=g)
+        mods.append(m.requires_grad_(False))
+    return mods
+
+
+def test_fused_linear_keeps_one_copy_under_the_checkpoint_names():
+    q, k, v = _linears((32, 16), (8, 16), (8, 16))
+    before = [m.weight.clone() for m in (q, k, v)]
+    fused = FusedLinear([q, k, v])
+    assert fused.weight.shape == (48, 16)
+    assert q.weight.data_ptr() == fused.weight.data_ptr()  # views, not copies
+    assert k.weight.data_ptr() == fused.weight[32:].data_ptr()
+    for m, w in zip((q, k, v), before):
+        assert torch.equal(m.weight, w)
+    x = torch.randn(3, 16)
+    assert torch.allclose(fused(x), torch.cat([q(x), k(x), v(x)], dim=-1))
+    assert fused.is_built_from([q, k, v])
+    k.weight = torch.nn.Parameter(torch.zeros(8, 16))
+    assert not fused.is_built_from([q, k, v])
+
+
+def test_gated_fused_linear_is_swiglu():
+    gate, up = _linears((24, 16), (24, 16))
+    x = torch.randn(2, 16)
+    expected = torch.nn.functional.silu(gate(x)) * up(x)
+    assert torch.allclose(FusedLinear([gate, up], gated=True)(x), expected, atol=1e-6)
+
+
+def _tiny_policy(checkpoint):
+    from rtloop.policy.openvla import OpenVLAPolicy
+
+    return OpenVLAPolicy(checkpoint, device=DEVICE)
+
+
+@pytest.mark.parametrize("fmt", ["none", "int8"])
+def test_llama_on_the_kernels_picks_the_same_tokens(tiny_checkpoint, fmt):
+    """The whole tiny model, decode steps through `gemv` (and int8 prefill through int8_matmul) vs plain torch."""
+    from rtloop.bench import DEFAULT_FRAMES, load_frames
+    from rtloop.policy.processor import build_prompt, pixel_values, prepare_libero_image, tokenize_prompt
+
+    policy = _tiny_policy(tiny_checkpoint)
+    if fmt != "none":
+        quantize_(policy.model, fmt)
+        assert weight_format(policy.model) == fmt
+    lm = policy.model.language_model
+    frame = load_frames(DEFAULT_FRAMES)[0]
+    ids = tokenize_prompt(policy.tokenizer, build_prompt(frame.instruction)).to(DEVICE)
+    pixels = pixel_values(prepare_libero_image(frame.image), DEVICE, policy.dtype)
+    lm.set_kernels(False)
+    plain = policy.model.generate_action_tokens(pixels, ids)
+    lm.set_kernels(True)
+    assert all(layer.mlp.gate_up.use_kernels for layer in lm.model.layers)
+    fast = policy.model.generate_action_tokens(pixels, ids)
+    lm.set_kernels(False)
+    if fmt == "none":
+        assert torch.equal(plain, fast)
+    else:  # the prefill's activations are quantised too: allow one flipped token of seven
+        assert (plain == fast).float().mean() >= 6 / 7
