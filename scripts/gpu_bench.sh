@@ -38,10 +38,12 @@ for step in $steps; do
   profile)
     for engine in ${PROFILE_ENGINES:-graphed}; do
       say "torch profile, 7b $engine"
-      timeout 150 python3 -m rtloop.profiling.torch_trace --size 7b --device cuda --engine "$engine" \
+      timeout ${PROFILE_TIMEOUT:-150} python3 -m rtloop.profiling.torch_trace --size 7b --device cuda --engine "$engine" \
         --calls 5 --out "/tmp/torch-profile-$engine" 2>&1 | tail -5 | tee -a "$LOG"
       gzip -c "/tmp/torch-profile-$engine/torch_trace.json" > "$OUT/torch_trace-7b-${engine//+/_}.json.gz"
       cp "/tmp/torch-profile-$engine/torch_summary.json" "$OUT/torch_summary-7b-${engine//+/_}.json"
+      python3 scripts/trace_kernels.py "/tmp/torch-profile-$engine/torch_trace.json" --top 40 \
+        > "$OUT/kernels-7b-${engine//+/_}.md" && head -30 "$OUT/kernels-7b-${engine//+/_}.md" | tee -a "$LOG"
     done ;;
   run)
     # the runtime on recorded real LIBERO frames (--sim replay: no LIBERO on this machine), 7b random

@@ -9,8 +9,10 @@ registers, so int8/fp8 weights cost half the bytes of bf16), and reduces once at
 [gate; up] matrix in the same pass, so the MLP's hidden vector is never written twice.
 
 Prefill (~280 tokens) is a real matmul and runs on tensor cores: `int8_matmul` / `fp8_matmul` quantise the
-activations on the fly (int8: one scale per token; fp8: one per tensor, which fp8's exponent range allows)
-and call cuBLAS's 8-bit GEMMs, then apply the weights' per-row scales.
+activations on the fly (one scale per token) and call cuBLAS's 8-bit GEMMs, then apply the weights' per-row
+scales. Quantising activations costs accuracy that weight-only decoding does not: on Gaussian activations
+with a few 20x outlier channels (Llama-like), the relative error of a 4096x4096 product is 0.9% with int8
+weights alone but 6.6% once the activations are int8 too; fp8 is 2.7% (weights) and 3.6% (both).
 
 `TRITON_INTERPRET=1` runs the Triton kernel on the CPU (numpy, slow): the tests use it where there is no GPU.
 """
@@ -80,14 +82,17 @@ if triton is not None:
         "EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
     })
     _gemv_fixed = _even(_gemv_kernel)
-    # Few warps and wide tiles: a program must keep enough bytes in flight to cover HBM latency, and there
-    # must be enough programs (N / BLOCK_N) to fill every SM. Benchmarked with the L2 flushed.
+    # Few rows and wide tiles: a program must keep enough bytes in flight to cover HBM latency (1-byte
+    # weights want twice the columns of bf16 for the same 16-byte loads), and there must be enough programs
+    # (N / BLOCK_N) to fill every SM. On an H100 the first tuning (2-16 rows, 128-1024 columns) always chose
+    # the widest tile, so the set now reaches 4096 columns. Benchmarked with the L2 flushed.
     _CONFIGS = [
-        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-        for n, k, w in [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 4), (8, 512, 8),
-                        (16, 256, 4), (16, 256, 8), (16, 512, 8), (32, 128, 4)]
-        for s in (1, 3)
-    ]
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=1)
+        for n in (1, 2, 4, 8)
+        for k in (512, 1024, 2048, 4096)
+        for w in (4, 8)
+        if 1024 <= n * k <= 8192
+    ] + [triton.Config({"BLOCK_N": n, "BLOCK_K": 1024}, num_warps=4, num_stages=3) for n in (2, 4)]
     _gemv_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "HAS_SCALE", "GATED"])(_even(_gemv_kernel))
 
 
@@ -135,9 +140,16 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
 
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] float, weight [N, K] float8_e4m3fn, scale [N] -> x @ (weight * scale).T, with x quantised to
-    e4m3 with one scale for the tensor (torch._scaled_mm: fp8 tensor cores, fp32 accumulation)."""
-    x_scale = x.abs().amax().float().clamp(min=1e-12) / 448.0
+    e4m3 with one scale per row (torch._scaled_mm's row-wise scaling: fp8 tensor cores, both scales applied
+    in the GEMM's epilogue). Hopper and the CPU have row-wise scaling; elsewhere (Ada, e.g. the RTX 4090)
+    one scale per tensor, and the weights' scales after."""
+    rowwise = x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (9, 0)
+    x_max = x.abs().amax(dim=-1, keepdim=True) if rowwise else x.abs().amax()
+    x_scale = x_max.float().clamp(min=1e-12) / 448.0
     xq = (x.float() / x_scale).to(torch.float8_e4m3fn)
+    if rowwise:
+        return torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale.float()[None, :], out_dtype=x.dtype,
+                                use_fast_accum=True)
     one = torch.ones((), device=x.device, dtype=torch.float32)
     y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True)
     return (y.float() * scale.float()).to(x.dtype)
