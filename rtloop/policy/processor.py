@@ -116,10 +116,20 @@ def pixel_values(image: np.ndarray, device: torch.device | str, dtype: torch.dty
         # official processor resizes
         x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bicubic", antialias=True, align_corners=False)
         x = x.mul_(255.0).round_().clamp_(0, 255).div_(255.0)
-    dino = (x - _column(DINOV2_MEAN, x)) / _column(DINOV2_STD, x)
-    siglip = (x - _column(SIGLIP_MEAN, x)) / _column(SIGLIP_STD, x)
-    return torch.cat([dino, siglip], dim=1).to(dtype)
+    scale, shift = _normalisation(x.device)
+    return torch.addcmul(shift, x.repeat(1, 2, 1, 1), scale).to(dtype)  # (x - mean) / std for both backbones
 
 
-def _column(values: tuple[float, float, float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, device=like.device, dtype=like.dtype).view(1, 3, 1, 1)
+_NORMALISATION: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 / std, -mean / std) as [1, 6, 1, 1] float32 on `device`: DINOv2's three channels, then SigLIP's.
+    Made once per device: building them per call cost a host-to-device copy each."""
+    if device not in _NORMALISATION:
+        mean = torch.tensor(DINOV2_MEAN + SIGLIP_MEAN, dtype=torch.float64)
+        std = torch.tensor(DINOV2_STD + SIGLIP_STD, dtype=torch.float64)
+        _NORMALISATION[device] = tuple(
+            t.float().view(1, 6, 1, 1).to(device) for t in (1.0 / std, -mean / std)
+        )
+    return _NORMALISATION[device]
