@@ -71,7 +71,7 @@ print("wrote", out)
 EOF
     for engine in ${RUN_ENGINES:-graphed reference}; do
       say "rtloop run --engine $engine"
-      timeout 120 python3 -m rtloop run --rate 20 --sim replay --engine "$engine" --device cuda \
+      timeout ${RUN_TIMEOUT:-300} python3 -m rtloop run --rate 20 --sim replay --engine "$engine" --device cuda \
         --checkpoint /tmp/ck7b --max-steps "${STEPS:-240}" --quiet --metrics-port 0 \
         --trace "/tmp/runs/run-$engine/trace.jsonl" 2>&1 | tee -a "$LOG"
       mkdir -p "$OUT/run-$engine" && cp "/tmp/runs/run-$engine/summary.json" "$OUT/run-$engine/"

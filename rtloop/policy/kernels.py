@@ -8,9 +8,6 @@ registers, so int8/fp8 weights cost half the bytes of bf16), and reduces once at
 (N, K, dtypes) on first use. `gated=True` computes SwiGLU's `silu(W_gate x) * (W_up x)` from the fused
 [gate; up] matrix in the same pass, so the MLP's hidden vector is never written twice.
 
-`decode_attention` is the decode step's attention (one query over the cache, split across programs and
-combined: flash-decoding); the library kernel it replaces took 8.5 us a layer for 6 MB of cache.
-
 Prefill (~280 tokens) is a real matmul and runs on tensor cores: `int8_matmul` / `fp8_matmul` quantise the
 activations on the fly (one scale per token) and call cuBLAS's 8-bit GEMMs, then apply the weights' per-row
 scales. Quantising activations costs accuracy that weight-only decoding does not: on Gaussian activations
@@ -97,84 +94,6 @@ if triton is not None:
         if 1024 <= n * k <= 8192
     ] + [triton.Config({"BLOCK_N": n, "BLOCK_K": 1024}, num_warps=4, num_stages=3) for n in (2, 4)]
     _gemv_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "HAS_SCALE", "GATED"])(_even(_gemv_kernel))
-
-
-    @triton.jit
-    def _decode_attention_split(
-        q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, S, GROUP, sm_scale,
-        D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    ):
-        # one (head, split): online softmax over this split's share of keys 0..pos (flash-decoding)
-        head, split = tl.program_id(0), tl.program_id(1)
-        n_keys = tl.load(pos_ptr) + 1
-        per_split = tl.cdiv(n_keys, SPLITS)
-        lo = split * per_split
-        hi = tl.minimum(lo + per_split, n_keys)
-        d = tl.arange(0, D)
-        q = tl.load(q_ptr + head * D + d).to(tl.float32) * sm_scale
-        cache = (head // GROUP) * S * D  # grouped-query attention: GROUP query heads share a kv head
-        m = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), axis=0)
-        l = tl.sum(tl.zeros((BLOCK_S,), tl.float32), axis=0)
-        acc = tl.zeros((D,), tl.float32)
-        for start in range(lo, hi, BLOCK_S):
-            s = start + tl.arange(0, BLOCK_S)
-            valid = s < hi
-            offsets = cache + s[:, None] * D + d[None, :]
-            k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
-            scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=0))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(scores - m_new)
-            v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
-            l = l * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            m = m_new
-        part = head * SPLITS + split
-        tl.store(m_ptr + part, m)
-        tl.store(l_ptr + part, l)
-        tl.store(acc_ptr + part * D + d, acc)
-
-    @triton.jit
-    def _decode_attention_combine(m_ptr, l_ptr, acc_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.constexpr):
-        head = tl.program_id(0)
-        parts = head * SPLITS + tl.arange(0, SPLITS)
-        m = tl.load(m_ptr + parts)
-        weight = tl.where(m > float("-inf"), tl.exp(m - tl.max(m, axis=0)), 0.0)  # empty splits weigh 0
-        total = tl.sum(tl.load(l_ptr + parts) * weight, axis=0)
-        d = tl.arange(0, D)
-        acc = tl.load(acc_ptr + parts[:, None] * D + d[None, :])
-        out = tl.sum(acc * weight[:, None], axis=0) / total
-        tl.store(out_ptr + head * D + d, out.to(out_ptr.dtype.element_ty))
-
-
-ATTENTION_SPLITS = 8  # programs per head: 32 heads x 8 fill an H100's 132 SMs twice
-
-
-@torch.library.custom_op("rtloop::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """One query token: q [1, H, 1, D] at position input_pos[0] over the cache [1, H_kv, S, D] (keys
-    0..input_pos[0]: the causal row) -> [1, H, 1, D]. Reads the position on the device, so it can be graphed;
-    the key range is split over ATTENTION_SPLITS programs per head, then combined (flash-decoding)."""
-    q = q.contiguous()
-    _, H, _, D = q.shape
-    S = k_cache.shape[2]
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("decode_attention needs contiguous [1, H_kv, S, D] caches")
-    part = torch.empty(H, ATTENTION_SPLITS, device=q.device, dtype=torch.float32)
-    m, l = part, torch.empty_like(part)
-    acc = torch.empty(H, ATTENTION_SPLITS, D, device=q.device, dtype=torch.float32)
-    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    _decode_attention_split[(H, ATTENTION_SPLITS)](
-        q, k_cache, v_cache, input_pos, m, l, acc, S, H // k_cache.shape[1], D**-0.5,
-        D=D, SPLITS=ATTENTION_SPLITS, BLOCK_S=32,
-    )
-    _decode_attention_combine[(H,)](m, l, acc, out, D=D, SPLITS=ATTENTION_SPLITS)
-    return out
-
-
-@decode_attention.register_fake
-def _(q, k_cache, v_cache, input_pos):
-    return q.new_empty(q.shape)
 
 
 def gemv_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, gated: bool) -> torch.Tensor:

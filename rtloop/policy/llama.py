@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtloop.policy import kernels
 from rtloop.policy.config import LlamaArgs
 from rtloop.policy.linear import FusedLinear
 
@@ -86,9 +85,6 @@ class SelfAttention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k, v = self.kv_cache.update(input_pos, k, v)
-        if T == 1 and B == 1 and self.qkv.use_kernels:  # a decode step on the compiled engine
-            y = kernels.decode_attention(q, k, v, input_pos)
-            return self.out(y.transpose(1, 2).reshape(B, T, -1))
         if self.n_kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)

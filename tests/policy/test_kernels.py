@@ -120,20 +120,3 @@ def test_llama_on_the_kernels_picks_the_same_tokens(tiny_checkpoint, fmt):
         assert torch.equal(plain, fast)
     else:  # the prefill's activations are quantised too: allow one flipped token of seven
         assert (plain == fast).float().mean() >= 6 / 7
-
-
-@pytest.mark.parametrize("pos", [0, 37, 95])  # one key; a ragged last block; the cache's last position
-@pytest.mark.parametrize("kv_heads", [4, 2])  # multi-head and grouped-query caches
-def test_decode_attention_matches_the_causal_row_of_sdpa(pos, kv_heads):
-    g = torch.Generator().manual_seed(pos)
-    H, S, D = 4, 96, 32
-    q = torch.randn(1, H, 1, D, generator=g).to(DEVICE)
-    k = torch.randn(1, kv_heads, S, D, generator=g).to(DEVICE)
-    v = torch.randn(1, kv_heads, S, D, generator=g).to(DEVICE)
-    k[:, :, pos + 1 :] = 1e4  # past the position: stale cache entries that must not be read
-    input_pos = torch.tensor([pos], device=DEVICE)
-    out = kernels.decode_attention(q, k, v, input_pos)
-    kk, vv = (t.repeat_interleave(H // kv_heads, dim=1)[:, :, : pos + 1] for t in (k, v))
-    expected = torch.nn.functional.scaled_dot_product_attention(q, kk, vv)
-    assert out.shape == q.shape
-    _close(out, expected, 1e-5)
