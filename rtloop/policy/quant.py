@@ -1,13 +1,13 @@
-"""Weight-only quantisation of the Llama linears: int8 or fp8 (e4m3) weights, one scale per output channel.
+"""1-byte Llama linears: int8 or fp8 (e4m3) weights, one scale per output channel.
 
 Decoding at batch 1 reads every weight once per token and does almost no arithmetic with it, so its time is
-the bytes of the weights over the memory bandwidth: 1-byte weights halve it. Activations stay in bf16.
-`forward` is `F.linear(x, w.to(x.dtype)) * scale`: run eagerly it materialises the bf16 weight (slower than
-bf16); TorchInductor is meant to fuse the conversion into its batch-1 matmul kernel (the `compiled` engine)
-so that only the 1-byte weights are read (gpt-fast's int8 recipe). Measured on an H100 with torch 2.11 it
-does not pay off yet: `compiled+int8` generates in 69 ms against bf16's 45-50 ms, in 9.0 GB instead of 15.4
-(profiles/gpu-h100.md); a hand-written int8 GEMV kernel is the next step. The vision towers and projector stay in bf16:
-they run once per action on 256 tokens and are compute-, not bandwidth-bound.
+the bytes of the weights over the memory bandwidth: 1-byte weights halve it. `WeightOnlyLinear` holds the
+bytes and scales under the checkpoint's module names; the Llama runs them through `FusedLinear`
+(rtloop.policy.linear): on the `compiled` engine decode steps use the Triton GEMV (weight-only: bytes
+widened in registers) and the prefill the 8-bit tensor-core matmuls (activations quantised per token too);
+elsewhere `F.linear(x, w.to(x.dtype)) * scale`: weight-only, but slower than bf16. Measured on an
+H100 (profiles/bench-h100-7b.md): compiled+int8 34.1 ms and compiled+fp8 32.2 ms per predict_action
+against bf16's 43.1, in 9.0 GB instead of 15.4. The vision towers, projector and `lm_head` stay in bf16.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ _STORAGE = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}  #
 
 
 class WeightOnlyLinear(nn.Module):
-    """A bias-free nn.Linear whose weight is stored in 1 byte per element with a per-row scale."""
+    """A bias-free nn.Linear whose weight is stored in 1 byte per element with a per-row scale (forward:
+    weight-only, for use on its own; inside the Llama a FusedLinear runs these tensors)."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, mode: str):
         super().__init__()
