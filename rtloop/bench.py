@@ -393,13 +393,15 @@ def markdown(report: dict) -> str:
         agree = r.get("agreement")
         agree_text = f"{agree['token_agreement']:.0%} vs {agree['baseline']}" if agree else "(baseline)"
         mem = "n/a" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.2f}"
+        speedup = f"{r['speedup_vs_reference']:.1f}" if "speedup_vs_reference" in r else "n/a"  # no reference run
         lines.append(
             f"| {name} | {st['processor']['p50_ms']:.2f} | {gen['p50_ms']:.2f} / {gen['p95_ms']:.2f} / "
             f"{gen['p99_ms']:.2f} | {st['detokenize']['p50_ms']:.2f} | **{pa['p50_ms']:.2f}** / {pa['p95_ms']:.2f} / "
-            f"{pa['p99_ms']:.2f} | {r['hz']:.1f} | {r.get('speedup_vs_reference', float('nan')):.1f} | "
+            f"{pa['p99_ms']:.2f} | {r['hz']:.1f} | {speedup} | "
             f"{r['generate_over_floor']:.2f} | {mem} | {agree_text} | {st[LIBERO_IMAGE]['p50_ms']:.2f} |"
         )
     lines += ["", "All times in ms. Hz = 1000 / predict_action p50. predict_action takes the prepared 224x224 "
               "image, as the official function does; libero_image (flip, JPEG round trip, Lanczos resize) is the "
-              "eval's preparation before it, timed apart."]
+              "eval's preparation before it, timed apart. generate / floor divides by each engine's own floor "
+              "(1-byte weights have half the bytes)."]
     return "\n".join(lines) + "\n"
