@@ -9,15 +9,16 @@ the caller synchronises (that is what the `generate` stage timing charges).
   The official OpenVLA is exactly `LlamaForCausalLM.generate` fed with `inputs_embeds`, so this keeps its
   per-token costs; the HF modules alias our parameters, so no weight is copied.
 - `eager`: our model, static KV cache, plain PyTorch: a kernel launch per op, no graphs.
-- `graphed`: the whole of `generate` (vision towers, projector, prefill, the 6 decode steps and every
-  argmax) captured as ONE CUDA graph; a call copies the inputs into static buffers and replays it. No host
+- `graphed`: the whole of `generate` (vision towers side by side on two streams, projector, prefill, the 6
+  decode steps and every argmax) captured as ONE CUDA graph; a call copies the inputs into static buffers and replays it. No host
   sync inside. Prompts are right-padded to a bucket of 16 tokens (one graph per bucket, captured on first
   use): the padding sits after the real prompt, so causal attention never lets a real position see it, and
   the first decode step overwrites it in the cache. CUDA only: on CPU it is an InputError, no fallback.
-- `compiled`: `graphed` with its three stages (vision + projector, prefill, decode step) compiled by
-  TorchInductor first (fused LayerNorm/GELU/RMSNorm/RoPE), and every batch-1 linear of the decode step on
-  our own Triton GEMV (`rtloop.policy.kernels`: [q; k; v] and [gate; up] fused, SwiGLU in the same pass,
-  1-byte weights widened in registers); quantised prefills on 8-bit tensor cores. Inductor's own CUDA
+- `compiled`: `graphed` with its stages (each ViT, projector, prefill, decode step) compiled by TorchInductor
+  first (fused LayerNorm/GELU/RMSNorm/RoPE), and the decode step on our own Triton kernels
+  (`rtloop.policy.kernels`): every batch-1 linear is one GEMV ([q; k; v] and [gate; up] fused, the RMSNorm
+  before it and the residual add after it in the same pass, SwiGLU too, 1-byte weights widened in registers),
+  and RoPE plus the KV-cache write is one more kernel; quantised prefills on 8-bit tensor cores. Inductor's own CUDA
   graphs stay off: we capture its kernels in our one graph, as above. Compiling and autotuning take a minute
   or two (7B, H100).
 
@@ -168,19 +169,37 @@ class GraphedEngine:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.captured_with: list[object] = []  # the caches each graph writes: kept alive with the graph
-        self.encode, self.prefill, self.decode = self._encode, self._prefill, self._decode
+        backbone = model.vision_backbone
+        self.dino, self.siglip, self.project = backbone.dino, backbone.siglip, self._project
+        self.prefill, self.decode = self._prefill, self._decode
+        self.side_stream = torch.cuda.Stream(device)
         model.language_model.set_kernels(self.compile_stages)
         if self.compile_stages:
             from rtloop.policy import kernels
 
             if not kernels.available(device):
                 raise InputError(f"engine {self.name!r} needs Triton (pip install triton) for its decode kernels")
-            self.encode = torch.compile(self._encode, fullgraph=True, dynamic=False)
+            self.dino, self.siglip, self.project = (
+                torch.compile(f, fullgraph=True, dynamic=False) for f in (self.dino, self.siglip, self.project)
+            )
             self.prefill = torch.compile(self._prefill, fullgraph=True, dynamic=False)
             self.decode = torch.compile(self._decode, fullgraph=True, dynamic=False)
 
-    def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_images(pixel_values)
+    def _encode(self) -> torch.Tensor:
+        """The static pixels -> patch embeddings [1, 256, llm_dim], the two ViTs side by side: DINOv2 on a
+        side stream while SigLIP runs on this one (the graph keeps the fork and the join). Each tower's
+        256-row matmuls leave much of a big GPU idle, so together they take little more than one alone."""
+        main = torch.cuda.current_stream()
+        self.side_stream.wait_stream(main)
+        with torch.cuda.stream(self.side_stream):
+            dino = self.dino(self.pixel_values)
+        siglip = self.siglip(self.pixel_values)
+        main.wait_stream(self.side_stream)
+        dino.record_stream(main)  # allocated on the side stream, read and freed on this one
+        return self.project(dino, siglip)
+
+    def _project(self, dino: torch.Tensor, siglip: torch.Tensor) -> torch.Tensor:
+        return self.model.projector(torch.cat([dino, siglip], dim=2))
 
     def _prefill(self, input_ids, patches, last_index) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded prompt ids [1, bucket] -> float32 logits [1, vocab] at last_index, and their argmax."""
@@ -188,7 +207,7 @@ class GraphedEngine:
         token_embeds = lm.model.embed_tokens(input_ids)
         x = torch.cat([token_embeds[:, :1], patches.to(token_embeds.dtype), token_embeds[:, 1:]], dim=1)
         hidden = lm.hidden_states(x, self.positions[: x.shape[1]])
-        logits = lm.head(hidden.index_select(1, last_index))[:, 0]
+        logits = lm.logits(hidden.index_select(1, last_index))[:, 0]
         return logits.float(), logits.argmax(dim=-1, keepdim=True)
 
     def _decode(self, token: torch.Tensor, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,7 +216,7 @@ class GraphedEngine:
 
     def _pipeline(self, bucket: int) -> None:
         """Everything one replay does, reading and writing only the static buffers."""
-        patches = self.encode(self.pixel_values)
+        patches = self._encode()
         logits, token = self.prefill(self.input_ids[:, :bucket], patches, self.last_index)
         self.logits[0].copy_(logits[0])
         self.tokens[0:1].copy_(token[0])

@@ -41,40 +41,61 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, w_ptr, scale_ptr, y_ptr, N, K,
-        HAS_SCALE: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+        x_ptr, w_ptr, scale_ptr, norm_ptr, residual_ptr, y_ptr, N, K, eps,
+        HAS_SCALE: tl.constexpr, GATED: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     ):
         # y[n] = sum_k w[n, k] * x[k] * scale[n]; GATED: rows N..2N-1 of w are the "up" half, and
-        # y[n] = silu(gate[n]) * up[n]
+        # y[n] = silu(gate[n]) * up[n]. HAS_NORM: x is first RMS-normalised and scaled by norm[k]; the
+        # 1/rms factor is the same for every k, so it is summed alongside and applied once at the end.
+        # HAS_RESIDUAL: y = residual + y, with y rounded to the output dtype first (as the unfused add).
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         row_ptrs = w_ptr + rows[:, None] * K
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         if GATED:
             acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        if HAS_NORM:
+            sum_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             kk = k + cols
+            if EVEN_K:
+                x = tl.load(x_ptr + kk).to(tl.float32)
+            else:
+                x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                sum_sq += x * x
+                if EVEN_K:
+                    x *= tl.load(norm_ptr + kk).to(tl.float32)
+                else:
+                    x *= tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            x = x[None, :]
             if EVEN_N and EVEN_K:
-                x = tl.load(x_ptr + kk).to(tl.float32)[None, :]
                 acc += tl.load(row_ptrs + kk[None, :]).to(tl.float32) * x
                 if GATED:
                     acc_up += tl.load(row_ptrs + N * K + kk[None, :]).to(tl.float32) * x
             else:
                 mask = (rows[:, None] < N) & (kk[None, :] < K)
-                x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
                 acc += tl.load(row_ptrs + kk[None, :], mask=mask, other=0.0).to(tl.float32) * x
                 if GATED:
                     acc_up += tl.load(row_ptrs + N * K + kk[None, :], mask=mask, other=0.0).to(tl.float32) * x
         y = tl.sum(acc, axis=1)
         row_mask = rows < N
+        if HAS_NORM:
+            inv_rms = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / K + eps)
+            y *= inv_rms
         if HAS_SCALE:
             y *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         if GATED:
             up = tl.sum(acc_up, axis=1)
+            if HAS_NORM:
+                up *= inv_rms
             if HAS_SCALE:
                 up *= tl.load(scale_ptr + N + rows, mask=row_mask, other=0.0).to(tl.float32)
             y = y * tl.sigmoid(y) * up
+        if HAS_RESIDUAL:
+            y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+            y += tl.load(residual_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
 
     _even = triton.heuristics({
@@ -93,29 +114,46 @@ if triton is not None:
         for w in (4, 8)
         if 1024 <= n * k <= 8192
     ] + [triton.Config({"BLOCK_N": n, "BLOCK_K": 1024}, num_warps=4, num_stages=3) for n in (2, 4)]
-    _gemv_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "HAS_SCALE", "GATED"])(_even(_gemv_kernel))
+    _gemv_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "HAS_SCALE", "GATED", "HAS_NORM", "HAS_RESIDUAL"])(_even(_gemv_kernel))
 
 
-def gemv_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, gated: bool) -> torch.Tensor:
+def gemv_reference(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, gated: bool,
+    norm: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     """What `gemv` computes, in plain torch (float32 accumulation)."""
-    y = x.float() @ weight.float().t()
+    h = x.float()
+    if norm is not None:
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm.float()
+    y = h @ weight.float().t()
     if scale is not None:
         y = y * scale.float()
     if gated:
         gate, up = y.chunk(2, dim=-1)
         y = torch.nn.functional.silu(gate) * up
-    return y.to(x.dtype)
+    y = y.to(x.dtype)
+    return y if residual is None else y + residual
 
 
 @torch.library.custom_op("rtloop::gemv", mutates_args=())
-def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, gated: bool) -> torch.Tensor:
+def gemv(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, gated: bool,
+    norm: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x [..., K] holding ONE row, weight [N, K] (bf16/fp16/fp32/int8/fp8), scale [N] or None -> [..., N]
-    (gated: [..., N / 2]) in x's dtype. A torch custom op, so torch.compile keeps it as one opaque call."""
+    (gated: [..., N / 2]) in x's dtype. `norm` [K]: RMS-normalise x with that weight and `eps` first (an
+    RMSNorm fused in front); `residual` [..., N]: add it to the result (a residual connection fused behind).
+    A torch custom op, so torch.compile keeps it as one opaque call."""
     n_out = weight.shape[0] // 2 if gated else weight.shape[0]
     K = weight.shape[1]
     y = torch.empty(*x.shape[:-1], n_out, device=x.device, dtype=x.dtype)
-    args = (x.reshape(K), weight, scale if scale is not None else weight, y, n_out, K)
-    flags = {"HAS_SCALE": scale is not None, "GATED": gated}
+    unused = weight  # a pointer for the absent optional inputs; the kernel never reads it
+    args = (
+        x.reshape(K), weight, unused if scale is None else scale, unused if norm is None else norm,
+        unused if residual is None else residual.reshape(n_out), y, n_out, K, eps,
+    )
+    flags = {"HAS_SCALE": scale is not None, "GATED": gated, "HAS_NORM": norm is not None,
+             "HAS_RESIDUAL": residual is not None}
     if INTERPRET:  # no benchmarking without a GPU: one fixed tile, large because each program costs numpy calls
         _gemv_fixed[(triton.cdiv(n_out, 64),)](*args, **flags, BLOCK_N=64, BLOCK_K=128)
     else:
@@ -124,9 +162,61 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, gate
 
 
 @gemv.register_fake
-def _(x, weight, scale, gated):
+def _(x, weight, scale, gated, norm=None, eps=0.0, residual=None):
     n_out = weight.shape[0] // 2 if gated else weight.shape[0]
     return x.new_empty(*x.shape[:-1], n_out)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_cache_write_kernel(
+        qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, n_heads, max_seq_len,
+        HEAD_DIM: tl.constexpr,
+    ):
+        # programs 0 .. n_heads-1 rotate one query head each; the next ones rotate one key head and store it,
+        # and its value head, into the caches at the position
+        head = tl.program_id(0)
+        half = tl.arange(0, HEAD_DIM // 2)
+        cos = tl.load(cos_ptr + half).to(tl.float32)  # rotate_half's layout: both halves share the angles
+        sin = tl.load(sin_ptr + half).to(tl.float32)
+        src = qkv_ptr + head * HEAD_DIM + half
+        x1 = tl.load(src).to(tl.float32)
+        x2 = tl.load(src + HEAD_DIM // 2).to(tl.float32)
+        out1 = (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty)
+        out2 = (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty)
+        if head < n_heads:
+            tl.store(q_ptr + head * HEAD_DIM + half, out1)
+            tl.store(q_ptr + head * HEAD_DIM + HEAD_DIM // 2 + half, out2)
+        else:
+            kv_head = head - n_heads
+            n_kv_heads = tl.num_programs(0) - n_heads
+            row = (kv_head * max_seq_len + tl.load(pos_ptr)) * HEAD_DIM
+            tl.store(k_cache_ptr + row + half, out1)
+            tl.store(k_cache_ptr + row + HEAD_DIM // 2 + half, out2)
+            v = qkv_ptr + (n_heads + n_kv_heads + kv_head) * HEAD_DIM + tl.arange(0, HEAD_DIM)
+            tl.store(v_cache_ptr + row + tl.arange(0, HEAD_DIM), tl.load(v))
+
+
+@torch.library.custom_op("rtloop::rope_cache_write", mutates_args=("k_cache", "v_cache"))
+def rope_cache_write(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
+) -> torch.Tensor:
+    """One decode token's attention inputs in one kernel (Inductor made three of it): qkv [1, 1, (H + 2 Hkv) * D]
+    = [q; k; v], cos/sin [1, D] at input_pos [1] (rotate_half layout) -> the rotated query [1, H, 1, D]; the
+    rotated key and the value are written into k_cache/v_cache [1, Hkv, S, D] at input_pos."""
+    _, n_kv_heads, max_seq_len, head_dim = k_cache.shape
+    q = qkv.new_empty(1, n_heads, 1, head_dim)
+    _rope_cache_write_kernel[(n_heads + n_kv_heads,)](
+        qkv, cos, sin, input_pos, q, k_cache, v_cache, n_heads, max_seq_len, HEAD_DIM=head_dim,
+    )
+    return q
+
+
+@rope_cache_write.register_fake
+def _(qkv, cos, sin, input_pos, k_cache, v_cache, n_heads):
+    return qkv.new_empty(1, n_heads, 1, k_cache.shape[-1])
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -57,9 +57,14 @@ class FusedLinear(nn.Module):
         """False once any part has been replaced (quantisation) or re-assigned (load_state_dict assign=True)."""
         return self._sources(parts) == self.sources
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`residual + self(norm(x))`, each part optional. `norm` is an RMSNorm (`weight`, `eps`): on the
+        kernel path both run inside the GEMV, which saves two kernels per norm in every decode step."""
         if self.use_kernels and x.shape[:-1].numel() == 1:
-            return kernels.gemv(x, self.weight, self.scale, self.gated)
+            norm_weight, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
+            return kernels.gemv(x, self.weight, self.scale, self.gated, norm_weight, eps, residual)
+        if norm is not None:
+            x = norm(x)
         if self.scale is None:
             y = F.linear(x, self.weight)
         elif self.use_kernels and self._fits_8bit_gemm(x):
@@ -69,7 +74,7 @@ class FusedLinear(nn.Module):
         if self.gated:
             gate, up = y.chunk(2, dim=-1)
             y = F.silu(gate) * up
-        return y
+        return y if residual is None else residual + y
 
     def _fits_8bit_gemm(self, x: torch.Tensor) -> bool:
         """cuBLAS's 8-bit GEMMs take only aligned shapes (7B's always are; the tiny test model's are not)."""

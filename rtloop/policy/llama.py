@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rtloop.policy import kernels
 from rtloop.policy.config import LlamaArgs
 from rtloop.policy.linear import FusedLinear
 
@@ -75,21 +76,27 @@ class SelfAttention(nn.Module):
         self.out: FusedLinear | None = None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, norm, cos, sin, mask, input_pos):
+        """The residual stream x [B, T, D] -> x + attention(norm(x))."""
         B, T, _ = x.shape
         kv_dim = self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        k, v = self.kv_cache.update(input_pos, k, v)
+        qkv, cache = self.qkv(x, norm=norm), self.kv_cache
+        if self.qkv.use_kernels and B * T == 1:
+            q = kernels.rope_cache_write(qkv, cos, sin, input_pos, cache.k_cache, cache.v_cache, self.n_heads)
+            k, v = cache.k_cache[:1], cache.v_cache[:1]
+        else:
+            q, k, v = qkv.split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
+            q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            k, v = cache.update(input_pos, k, v)
         if self.n_kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+        return self.out(y.transpose(1, 2).reshape(B, T, -1), residual=x)
 
 
 class FeedForward(nn.Module):
@@ -101,8 +108,9 @@ class FeedForward(nn.Module):
         self.gate_up: FusedLinear | None = None  # silu(gate) * up in one pass, and down_proj, as run
         self.down: FusedLinear | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.gate_up(x))
+    def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """The residual stream x -> x + mlp(norm(x))."""
+        return self.down(self.gate_up(x, norm=norm), residual=x)
 
 
 class DecoderLayer(nn.Module):
@@ -114,8 +122,9 @@ class DecoderLayer(nn.Module):
         self.mlp = FeedForward(args)
 
     def forward(self, x, cos, sin, mask, input_pos):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # pre-norm blocks; each norm is handed to the linear it feeds, which may fuse it (FusedLinear)
+        x = self.self_attn(x, self.input_layernorm, cos, sin, mask, input_pos)
+        return self.mlp(x, self.post_attention_layernorm)
 
 
 class LlamaDecoder(nn.Module):
@@ -182,14 +191,19 @@ class Llama(nn.Module):
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
     def hidden_states(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """inputs_embeds [B, T, D] at positions input_pos [T] -> final-norm hidden states [B, T, D]."""
+        """inputs_embeds [B, T, D] at positions input_pos [T] -> the last layer's output [B, T, D], before the
+        final norm (`logits` applies it)."""
         x = inputs_embeds
         cos = self.rope_cos[input_pos].to(x.dtype)  # [T, head_dim], broadcast over batch and heads
         sin = self.rope_sin[input_pos].to(x.dtype)
         mask = self.causal_mask[None, None, input_pos]  # [1, 1, T, max_seq_len]
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, input_pos)
-        return self.model.norm(x)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden_states` output [B, T, D] -> logits [B, T, vocab] (final norm fused into lm_head's GEMV)."""
+        return self.head(hidden, norm=self.model.norm)
 
     def forward(
         self,
@@ -200,4 +214,4 @@ class Llama(nn.Module):
         """Token ids [B, T] or embeddings [B, T, D] at positions input_pos [T] -> logits [B, T, vocab]."""
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
-        return self.head(self.hidden_states(inputs_embeds, input_pos))
+        return self.logits(self.hidden_states(inputs_embeds, input_pos))

@@ -27,9 +27,13 @@ class VisionBackbone(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, 6, H, W] -> patch features [B, num_patches, dino width + siglip width]."""
-        dino = self.featurizer(pixel_values[:, :3])
-        siglip = self.fused_featurizer(pixel_values[:, 3:])
-        return torch.cat([dino, siglip], dim=2)
+        return torch.cat([self.dino(pixel_values), self.siglip(pixel_values)], dim=2)
+
+    def dino(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.featurizer(pixel_values[:, :3])
+
+    def siglip(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.fused_featurizer(pixel_values[:, 3:])
 
 
 class Projector(nn.Module):
@@ -70,7 +74,7 @@ class OpenVLA(nn.Module):
         x = torch.cat([token_embeds[:, :1], patch_embeds.to(token_embeds.dtype), token_embeds[:, 1:]], dim=1)
         input_pos = torch.arange(x.shape[1], device=x.device)
         hidden = self.language_model.hidden_states(x, input_pos)
-        return self.language_model.head(hidden[:, -1])
+        return self.language_model.logits(hidden[:, -1])
 
     def decode_step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """token [B, 1] at position input_pos [1] -> logits [B, vocab]."""

@@ -46,6 +46,63 @@ def test_gemv_matches_torch(fmt, shape, gated):
         _close(kernels.gemv_reference(x, w, scale, False), x.float() @ wf.t(), 1e-2)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("shape", [(64, 256), (40, 200)])
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
+def test_gemv_fuses_the_rmsnorm_before_and_the_residual_after(fmt, shape, gated):
+    from rtloop.policy.llama import RMSNorm
+
+    N, K = shape
+    g = torch.Generator().manual_seed(N * K)
+    x = (3 * torch.randn(1, 1, K, generator=g)).bfloat16()  # far from unit RMS, so a missing norm shows
+    w = torch.randn(N, K, generator=g).bfloat16()
+    w, scale = quantize_weight(w, fmt) if fmt == "int8" else (w, None)
+    norm = RMSNorm(K, eps=1e-5)
+    norm.weight.data = (1 + torch.rand(K, generator=g)).bfloat16()
+    residual = (10 * torch.randn(1, 1, N // 2 if gated else N, generator=g)).bfloat16()
+    x, w, residual, norm = x.to(DEVICE), w.to(DEVICE), residual.to(DEVICE), norm.to(DEVICE)
+    scale = None if scale is None else scale.to(DEVICE)
+
+    fused = kernels.gemv(x, w, scale, gated, norm.weight, norm.eps, residual)
+    unfused = residual + kernels.gemv(norm(x), w, scale, gated)  # the eager order: norm, linear, add
+    _close(fused, unfused, 2e-2)
+    _close(fused, kernels.gemv_reference(x, w, scale, gated, norm.weight, norm.eps, residual), 2e-2)
+    _close(kernels.gemv(x, w, scale, gated, norm.weight, norm.eps), unfused - residual, 2e-2)
+
+
+@pytest.mark.parametrize("n_heads, n_kv_heads", [(4, 4), (4, 2)])
+def test_rope_cache_write_matches_the_unfused_attention_inputs(n_heads, n_kv_heads):
+    from rtloop.policy.config import LlamaArgs
+    from rtloop.policy.llama import KVCache, rope_tables, rotate_half
+
+    head_dim, max_seq_len, pos = 16, 40, 29
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(1, 1, (n_heads + 2 * n_kv_heads) * head_dim, generator=g).bfloat16().to(DEVICE)
+    args = LlamaArgs(hidden_size=n_heads * head_dim, intermediate_size=8, num_hidden_layers=1,
+                     num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, vocab_size=8)
+    cos, sin = (t[pos : pos + 1].bfloat16() for t in rope_tables(args, max_seq_len, DEVICE))
+    input_pos = torch.tensor([pos], device=DEVICE)
+    fused_cache, plain_cache = (KVCache(1, max_seq_len, n_kv_heads, head_dim, DEVICE, torch.bfloat16) for _ in "ab")
+    earlier = torch.randn(2, *fused_cache.k_cache.shape, generator=g).bfloat16().to(DEVICE)  # must survive
+    for cache in (fused_cache, plain_cache):
+        cache.k_cache.copy_(earlier[0])
+        cache.v_cache.copy_(earlier[1])
+
+    q = kernels.rope_cache_write(qkv, cos, sin, input_pos, fused_cache.k_cache, fused_cache.v_cache, n_heads)
+
+    q_ref, k, v = qkv.float().split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
+    q_ref, k, v = (t.view(1, 1, -1, head_dim).transpose(1, 2) for t in (q_ref, k, v))
+    q_ref = q_ref * cos.float() + rotate_half(q_ref) * sin.float()
+    k = k * cos.float() + rotate_half(k) * sin.float()
+    plain_cache.update(input_pos, k.bfloat16(), v.bfloat16())
+    assert q.shape == (1, n_heads, 1, head_dim)
+    bf16 = dict(rtol=1e-2, atol=1e-2)  # one bf16 rounding apart at most (the GPU may fuse a multiply-add)
+    torch.testing.assert_close(q, q_ref.bfloat16(), **bf16)
+    torch.testing.assert_close(fused_cache.k_cache, plain_cache.k_cache, **bf16)
+    assert torch.equal(fused_cache.v_cache, plain_cache.v_cache)
+    assert torch.equal(fused_cache.k_cache[:, :, :pos], earlier[0][:, :, :pos])
+
+
 @pytest.mark.parametrize("fmt, matmul, rel", [("int8", kernels.int8_matmul, 0.03), ("fp8", kernels.fp8_matmul, 0.08)])
 def test_8bit_prefill_matmuls_approximate_the_float_product(fmt, matmul, rel):
     g = torch.Generator().manual_seed(1)
