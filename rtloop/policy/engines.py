@@ -42,7 +42,8 @@ class Engine(Protocol):
     name: str
 
     def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """pixel_values [1, 6, 224, 224] and input_ids [1, T] on the model's device -> LongTensor [7]."""
+        """pixel_values [1, 6, 224, 224] and input_ids [1, T] on the model's device -> LongTensor [7], on the
+        device or in pinned host memory that the device is still filling: read it after synchronising."""
 
     def generate_with_logits(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """As `generate`, plus the float32 logits [7, vocab] each token was the argmax of (for parity checks)."""
@@ -163,7 +164,6 @@ class GraphedEngine:
         self.input_ids = torch.full((1, max_prompt_tokens), config.pad_token_id, device=device, dtype=torch.long)
         self.last_index = torch.zeros(1, device=device, dtype=torch.long)  # the last real prompt position
         self.prefix_len = torch.zeros(1, device=device, dtype=torch.long)  # = last_index + 1
-        self.positions = torch.arange(self.max_seq_len, device=device)
         self.tokens = torch.zeros(n_tokens, device=device, dtype=torch.long)
         self.logits = torch.zeros(n_tokens, config.llm.vocab_size, device=device, dtype=torch.float32)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -206,7 +206,7 @@ class GraphedEngine:
         lm = self.model.language_model
         token_embeds = lm.model.embed_tokens(input_ids)
         x = torch.cat([token_embeds[:, :1], patches.to(token_embeds.dtype), token_embeds[:, 1:]], dim=1)
-        hidden = lm.hidden_states(x, self.positions[: x.shape[1]])
+        hidden = lm.hidden_states(x)
         logits = lm.logits(hidden.index_select(1, last_index))[:, 0]
         return logits.float(), logits.argmax(dim=-1, keepdim=True)
 
@@ -261,7 +261,9 @@ class GraphedEngine:
 
     def generate(self, pixel_values, input_ids):
         self._replay(pixel_values, input_ids)
-        return self.tokens.clone()  # the static buffer is overwritten by the next call
+        # straight to pinned host memory, queued behind the graph: the caller's synchronise lands it, and
+        # reading the tokens then costs no device call (a blocking .cpu() cost ~0.1 ms of host time)
+        return torch.empty(self.n_tokens, dtype=torch.long, pin_memory=True).copy_(self.tokens, non_blocking=True)
 
     def generate_with_logits(self, pixel_values, input_ids):
         self._replay(pixel_values, input_ids)

@@ -79,24 +79,31 @@ class SelfAttention(nn.Module):
     def forward(self, x, norm, cos, sin, mask, input_pos):
         """The residual stream x [B, T, D] -> x + attention(norm(x))."""
         B, T, _ = x.shape
-        kv_dim = self.n_kv_heads * self.head_dim
         qkv, cache = self.qkv(x, norm=norm), self.kv_cache
-        if self.qkv.use_kernels and B * T == 1:
+        if self.qkv.use_kernels and B * T == 1:  # a decode step on rtloop.policy.kernels: two kernels
             q = kernels.rope_cache_write(qkv, cos, sin, input_pos, cache.k_cache, cache.v_cache, self.n_heads)
-            k, v = cache.k_cache[:1], cache.v_cache[:1]
+            y = kernels.decode_attention(q, cache.k_cache[:1], cache.v_cache[:1], input_pos)
         else:
-            q, k, v = qkv.split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
-            q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-            k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            k, v = cache.update(input_pos, k, v)
+            y = self._attention(qkv, cos, sin, mask, input_pos)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1), residual=x)
+
+    def _attention(self, qkv, cos, sin, mask, input_pos) -> torch.Tensor:
+        """[q; k; v] [B, T, *] -> attention output [B, H, T, D], writing k and v into the cache."""
+        B, T, _ = qkv.shape
+        kv_dim = self.n_kv_heads * self.head_dim
+        q, k, v = qkv.split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k, v = self.kv_cache.update(input_pos, k, v)
         if self.n_kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out(y.transpose(1, 2).reshape(B, T, -1), residual=x)
+        if mask is None:  # a prefill from position 0: causal over the T cached positions, no mask (FlashAttention)
+            return F.scaled_dot_product_attention(q, k[:, :, :T], v[:, :, :T], is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class FeedForward(nn.Module):
@@ -190,13 +197,16 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
-    def hidden_states(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """inputs_embeds [B, T, D] at positions input_pos [T] -> the last layer's output [B, T, D], before the
-        final norm (`logits` applies it)."""
+        final norm (`logits` applies it). input_pos None: a prefill, positions 0 .. T-1."""
         x = inputs_embeds
+        prefill = input_pos is None
+        if prefill:
+            input_pos = torch.arange(x.shape[1], device=x.device)
         cos = self.rope_cos[input_pos].to(x.dtype)  # [T, head_dim], broadcast over batch and heads
         sin = self.rope_sin[input_pos].to(x.dtype)
-        mask = self.causal_mask[None, None, input_pos]  # [1, 1, T, max_seq_len]
+        mask = None if prefill else self.causal_mask[None, None, input_pos]  # [1, 1, T, max_seq_len]
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, input_pos)
         return x

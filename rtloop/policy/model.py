@@ -72,8 +72,7 @@ class OpenVLA(nn.Module):
         """
         token_embeds = self.language_model.model.embed_tokens(input_ids)
         x = torch.cat([token_embeds[:, :1], patch_embeds.to(token_embeds.dtype), token_embeds[:, 1:]], dim=1)
-        input_pos = torch.arange(x.shape[1], device=x.device)
-        hidden = self.language_model.hidden_states(x, input_pos)
+        hidden = self.language_model.hidden_states(x)
         return self.language_model.logits(hidden[:, -1])
 
     def decode_step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:

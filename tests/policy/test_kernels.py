@@ -103,6 +103,28 @@ def test_rope_cache_write_matches_the_unfused_attention_inputs(n_heads, n_kv_hea
     assert torch.equal(fused_cache.k_cache[:, :, :pos], earlier[0][:, :, :pos])
 
 
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+@pytest.mark.parametrize("pos", [0, 31, 32, 70, 95])  # one key; chunk edges; the last cache slot
+def test_decode_attention_is_masked_sdpa(pos, n_kv_heads):
+    import torch.nn.functional as F
+
+    n_heads, head_dim, max_seq_len = 4, 16, 96
+    g = torch.Generator().manual_seed(pos)
+    q = torch.randn(1, n_heads, 1, head_dim, generator=g).bfloat16().to(DEVICE)
+    k_cache = (3 * torch.randn(1, n_kv_heads, max_seq_len, head_dim, generator=g)).bfloat16().to(DEVICE)
+    v_cache = torch.randn(1, n_kv_heads, max_seq_len, head_dim, generator=g).bfloat16().to(DEVICE)
+    input_pos = torch.tensor([pos], device=DEVICE)
+
+    y = kernels.decode_attention(q, k_cache, v_cache, input_pos)
+
+    group = n_heads // n_kv_heads
+    mask = (torch.arange(max_seq_len, device=DEVICE) <= pos)[None, None, None]  # the causal mask's row `pos`
+    ref = F.scaled_dot_product_attention(q.float(), k_cache.float().repeat_interleave(group, 1),
+                                         v_cache.float().repeat_interleave(group, 1), attn_mask=mask)
+    assert y.shape == q.shape and y.dtype == q.dtype
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("fmt, matmul, rel", [("int8", kernels.int8_matmul, 0.03), ("fp8", kernels.fp8_matmul, 0.08)])
 def test_8bit_prefill_matmuls_approximate_the_float_product(fmt, matmul, rel):
     g = torch.Generator().manual_seed(1)
