@@ -127,7 +127,7 @@ def test_decode_attention_is_masked_sdpa(pos, n_kv_heads):
     # differ), and the counters back at zero for the next call
     for _ in range(100 if DEVICE == "cuda" else 1):
         assert torch.equal(kernels.decode_attention(q, k_cache, v_cache, input_pos), y)
-    assert not kernels._arrivals(torch.device(DEVICE), n_heads).any()
+    assert not kernels._arrivals(q.device, n_heads).any()
 
 
 @pytest.mark.parametrize("fmt, matmul, rel", [("int8", kernels.int8_matmul, 0.03), ("fp8", kernels.fp8_matmul, 0.08)])
