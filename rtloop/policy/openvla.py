@@ -6,7 +6,8 @@
 
 Stages (rtloop.policy.base.STAGES), each a `timed_stage` so profilers see the same names:
 - processor: LIBERO image path (act only), prompt, tokens, pixel_values including host->device
-- generate: the engine's 1 prefill + 6 decode steps, synchronised on CUDA so the GPU time lands here
+- generate: the engine's 1 prefill + 6 decode steps, synchronised on CUDA so the GPU time lands here; the
+  frame and prompt checks run on the host meanwhile
 - detokenize: tokens to the host, bins -> action, validity checks and silent-failure detectors
 """
 
@@ -24,7 +25,6 @@ from rtloop.policy.model import OpenVLA
 from rtloop.policy.processor import (
     PROMPT_TEMPLATE,
     build_prompt,
-    check_image,
     check_prompt_template,
     pixel_values,
     prepare_libero_image,
@@ -119,14 +119,14 @@ class OpenVLAPolicy:
         key = self.unnorm_key if unnorm_key is None else resolve_unnorm_key(self.config.norm_stats, unnorm_key)
         detokenize = self._detokenizer(key)
         with timed_stage("processor", timings, self._sync):
-            check_image(image)
-            self.guards.check_frame(image)
             prompt = build_prompt(instruction, self.prompt_template)
-            self.guards.check_prompt(prompt)
             input_ids = self._input_ids(prompt)
             pixels = pixel_values(image, self.device, self.dtype)
         with timed_stage("generate", timings, self._sync):
             tokens = self.engine.generate(pixels, input_ids)
+            # the input checks need nothing from the device: on a GPU they run while it generates
+            self.guards.check_frame(image)
+            self.guards.check_prompt(prompt)
         with timed_stage("detokenize", timings):
             action = detokenize(tokens.cpu().numpy())
             self.guards.check_action(image, action)
