@@ -5,8 +5,11 @@ Decode at batch 1 reads every weight once per token and does two flops with each
 (bytes of weights) / (memory bandwidth) and nothing else matters. `gemv` is written for that: each program
 owns BLOCK_N output rows, streams them in BLOCK_K-wide coalesced tiles (1-byte weights are widened to fp32 in
 registers, so int8/fp8 weights cost half the bytes of bf16), and reduces once at the end. Autotuned per
-(N, K, dtypes) on first use. `gated=True` computes SwiGLU's `silu(W_gate x) * (W_up x)` from the fused
-[gate; up] matrix in the same pass, so the MLP's hidden vector is never written twice.
+(N, K, dtypes, flags) on first use. `gated=True` computes SwiGLU's `silu(W_gate x) * (W_up x)` from the
+fused [gate; up] matrix in the same pass, so the MLP's hidden vector is never written twice; `norm` runs
+the RMSNorm before it and `residual` the add after it in the same pass too. What is left of a decode layer
+is two small kernels: `rope_cache_write` (RoPE on q and k, k and v into the cache) and `decode_attention`
+(one query over the cache, split into chunks of keys that one program each loads at once).
 
 Prefill (~280 tokens) is a real matmul and runs on tensor cores: `int8_matmul` / `fp8_matmul` quantise the
 activations on the fly (one scale per token) and call cuBLAS's 8-bit GEMMs, then apply the weights' per-row

@@ -6,8 +6,8 @@ bytes and scales under the checkpoint's module names; the Llama runs them throug
 (rtloop.policy.linear): on the `compiled` engine decode steps use the Triton GEMV (weight-only: bytes
 widened in registers) and the prefill the 8-bit tensor-core matmuls (activations quantised per token too);
 elsewhere `F.linear(x, w.to(x.dtype)) * scale`: weight-only, but slower than bf16. Measured on an
-H100 (profiles/bench-h100-7b.md): compiled+int8 34.1 ms and compiled+fp8 32.2 ms per predict_action
-against bf16's 43.1, in 9.0 GB instead of 15.4. The vision towers, projector and `lm_head` stay in bf16.
+H100 (profiles/bench-h100-7b.md): compiled+int8 33.8 ms and compiled+fp8 31.7 ms per predict_action
+against bf16's 41.4, in 9.1-9.2 GB instead of 15.5. The vision towers, projector and `lm_head` stay in bf16.
 """
 
 from __future__ import annotations
