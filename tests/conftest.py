@@ -8,6 +8,8 @@ os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 if not torch.cuda.is_available():
     # Triton kernels run in Triton's CPU interpreter; read when rtloop.policy.kernels is first imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# on a GPU, one fixed GEMV tile: the tests check results; `rtloop bench` measures the tuned kernels
+os.environ.setdefault("RTLOOP_AUTOTUNE", "0")
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,9 @@ except ImportError:  # CPU-only installs: the compiled engine needs CUDA (and so
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# RTLOOP_AUTOTUNE=0: one fixed GEMV tile instead of timing 26 per (shape, dtypes, flags). The GPU tests set
+# it: they check what the kernel computes, and the tuning made a whole test file take minutes.
+AUTOTUNE = os.environ.get("RTLOOP_AUTOTUNE", "1") != "0"
 
 
 def available(device: torch.device) -> bool:
@@ -165,6 +168,8 @@ def gemv(
              "HAS_RESIDUAL": residual is not None}
     if INTERPRET:  # no benchmarking without a GPU: one fixed tile, large because each program costs numpy calls
         _gemv_fixed[(triton.cdiv(n_out, 64),)](*args, **flags, BLOCK_N=64, BLOCK_K=128)
+    elif not AUTOTUNE:
+        _gemv_fixed[(triton.cdiv(n_out, 2),)](*args, **flags, BLOCK_N=2, BLOCK_K=1024, num_warps=4)
     else:
         _gemv_tuned[lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]),)](*args, **flags)
     return y
