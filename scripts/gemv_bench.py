@@ -1,6 +1,7 @@
 """Batch-1 linears of Llama-2-7B on this GPU: our Triton GEMV (rtloop.policy.kernels.gemv) against cuBLAS
 (F.linear in bf16) and TorchInductor's fused dequantise-and-reduce (the int8/fp8 path before the kernel), as
-microseconds per call and GB/s of weights read, L2 flushed between calls (triton.testing.do_bench).
+microseconds per call and GB/s of weights read, L2 flushed between calls (triton.testing.do_bench). The
+`+norm` / `+residual` rows are the same GEMV with what the compiled engine fuses into it, to price that.
 
     python scripts/gemv_bench.py --out profiles/gemv-h100.json
 """
@@ -19,12 +20,13 @@ import triton
 from rtloop.policy import kernels
 from rtloop.policy.quant import quantize_weight
 
-SHAPES = {  # name: (N, K, gated) as the decode step runs them, [q; k; v] and [gate; up] fused
-    "qkv": (12288, 4096, False),
-    "o_proj": (4096, 4096, False),
-    "gate_up (SwiGLU)": (22016, 4096, True),
-    "down_proj": (4096, 11008, False),
-    "lm_head": (32064, 4096, False),
+SHAPES = {  # name: (N, K, gated, fused) as the decode step runs them, [q; k; v] and [gate; up] fused;
+    # fused: what the compiled engine folds into that GEMV (the RMSNorm before it, or the residual add after)
+    "qkv": (12288, 4096, False, "norm"),
+    "o_proj": (4096, 4096, False, "residual"),
+    "gate_up (SwiGLU)": (22016, 4096, True, "norm"),
+    "down_proj": (4096, 11008, False, "residual"),
+    "lm_head": (32064, 4096, False, "norm"),
 }
 
 
@@ -41,12 +43,16 @@ def main() -> None:
     torch._inductor.config.coordinate_descent_tuning = True  # what makes batch-1 matmuls Triton reductions
     rows = []
     inductor_dequant = torch.compile(lambda x, w, s: F.linear(x, w.to(x.dtype)) * s, dynamic=False)
-    for name, (N, K, gated) in SHAPES.items():
+    for name, (N, K, gated, fused) in SHAPES.items():
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+        norm = torch.rand(K, device="cuda", dtype=torch.bfloat16) + 0.5
+        residual = torch.randn(1, N // 2 if gated else N, device="cuda", dtype=torch.bfloat16)
+        extra = {"norm": norm, "eps": 1e-6} if fused == "norm" else {"residual": residual}
         variants = {
             "cublas bf16": (lambda: F.linear(x, w), w.numel() * 2),
             "triton bf16": (lambda: kernels.gemv(x, w, None, gated), w.numel() * 2),
+            f"triton bf16 +{fused}": (lambda: kernels.gemv(x, w, None, gated, **extra), w.numel() * 2),
         }
         for fmt in ("int8", "fp8"):
             q, s = quantize_weight(w, fmt)
