@@ -6,7 +6,10 @@ Keys: `model.embed_tokens`, `model.layers.N.self_attn.{q,k,v,o}_proj`, `model.la
 
 Every call has fixed shapes for a given (batch, tokens) and no data-dependent Python control flow: the
 cache is written with `index_copy_` at `input_pos` and the causal mask is a precomputed bool buffer indexed
-by `input_pos`, so a decode step can be captured in a CUDA graph. `setup_caches` must run before `forward`.
+by `input_pos`, so a decode step can be captured in a CUDA graph (a prefill from position 0 needs no mask:
+causal attention over its own tokens). `setup_caches` must run before `forward`. With `set_kernels(True)`
+a one-token step runs on rtloop.policy.kernels: each norm and residual add inside a GEMV, RoPE and the
+cache write in one kernel, the attention in another.
 """
 
 from __future__ import annotations
