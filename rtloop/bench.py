@@ -238,10 +238,13 @@ def engine_tokens(policy, frames: list[Frame]):
     from rtloop.policy.processor import build_prompt, pixel_values, prepare_libero_image, tokenize_prompt
 
     tokens, logits = [], []
+    on_host = getattr(policy.engine, "takes_host_inputs", False)  # as predict_action feeds it
     for f in frames:
-        ids = tokenize_prompt(policy.tokenizer, build_prompt(f.instruction)).to(policy.device)
-        pixels = pixel_values(prepare_libero_image(f.image), policy.device, policy.dtype)
-        t, l = policy.engine.generate_with_logits(pixels, ids)
+        ids = tokenize_prompt(policy.tokenizer, build_prompt(f.instruction))
+        image = prepare_libero_image(f.image)
+        if not on_host:
+            image, ids = pixel_values(image, policy.device, policy.dtype), ids.to(policy.device)
+        t, l = policy.engine.generate_with_logits(image, ids)
         tokens.append(t.cpu())
         logits.append(l.cpu())
     return torch.stack(tokens), torch.stack(logits)
@@ -402,6 +405,8 @@ def markdown(report: dict) -> str:
         )
     lines += ["", "All times in ms. Hz = 1000 / predict_action p50. predict_action takes the prepared 224x224 "
               "image, as the official function does; libero_image (flip, JPEG round trip, Lanczos resize) is the "
-              "eval's preparation before it, timed apart. generate / floor divides by each engine's own floor "
+              "eval's preparation before it, timed apart. The graphed engines (graphed, compiled) take the uint8 "
+              "image: its copy to the GPU and normalisation run inside their graph, in generate, and their "
+              "processor is the prompt only. generate / floor divides by each engine's own floor "
               "(1-byte weights have half the bytes)."]
     return "\n".join(lines) + "\n"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What produced profiles/bench-h100-7b.{json,md}: run from the repository root on a CUDA machine that has
 # torch and transformers (no install needed: PYTHONPATH). Writes everything under ${OUT:-out/gpu}.
-#   bash scripts/gpu_bench.sh [kernels|bench|profile|tests|parity|run ...]   (default: kernels bench profile tests parity)
+#   bash scripts/gpu_bench.sh [kernels|prefill|bench|profile|tests|parity|run ...]   (default: kernels bench profile tests parity)
 set -u
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
@@ -27,6 +27,10 @@ for step in $steps; do
     timeout ${BENCH_TIMEOUT:-360} python3 -m rtloop bench --size 7b --device cuda \
       --engines "${ENGINES:-reference,eager,graphed,compiled}" --quant "${QUANT:-int8,fp8}" --iters "${ITERS:-50}" \
       --warmup 5 --agreement-frames 32 --out "$OUT/${BENCH_NAME:-bench-h100-7b}" 2>&1 | tee -a "$LOG" ;;
+  prefill)
+    say "prefill matmuls: cublas vs inductor max-autotune"
+    timeout ${PREFILL_TIMEOUT:-150} python3 scripts/prefill_gemm_bench.py --rows 288 --out "$OUT/prefill-gemm-h100.json" \
+      2>&1 | grep -v Warning | tail -12 | tee -a "$LOG" ;;
   tests)
     say "pytest -m gpu"
     timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -x tests/policy/test_kernels.py tests/policy/test_engines.py \

@@ -10,8 +10,9 @@ the caller synchronises (that is what the `generate` stage timing charges).
   per-token costs; the HF modules alias our parameters, so no weight is copied.
 - `eager`: our model, static KV cache, plain PyTorch: a kernel launch per op, no graphs.
 - `graphed`: the whole of `generate` (vision towers side by side on two streams, projector, prefill, the 6
-  decode steps and every argmax) captured as ONE CUDA graph; a call copies the inputs into static buffers and replays it. No host
-  sync inside. Prompts are right-padded to a bucket of 16 tokens (one graph per bucket, captured on first
+  decode steps and every argmax) captured as ONE CUDA graph; a call writes the inputs into static pinned host
+  buffers and replays it. The graph's first nodes copy them in (and, given the uint8 image, normalise it);
+  its last copies the tokens out to pinned host memory. No host sync inside, and one launch per call. Prompts are right-padded to a bucket of 16 tokens (one graph per bucket, captured on first
   use): the padding sits after the real prompt, so causal attention never lets a real position see it, and
   the first decode step overwrites it in the cache. CUDA only: on CPU it is an InputError, no fallback.
 - `compiled`: `graphed` with its stages (each ViT, projector, prefill, decode step) compiled by TorchInductor
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 
 from rtloop.errors import InputError
@@ -43,7 +45,9 @@ class Engine(Protocol):
 
     def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """pixel_values [1, 6, 224, 224] and input_ids [1, T] on the model's device -> LongTensor [7], on the
-        device or in pinned host memory that the device is still filling: read it after synchronising."""
+        device or in pinned host memory that the device is still filling (and the next call reuses): read it
+        after synchronising, before the next call. Engines with `takes_host_inputs` also take the uint8
+        224x224x3 image itself (numpy) and input_ids on the CPU, and prepare them on the device."""
 
     def generate_with_logits(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """As `generate`, plus the float32 logits [7, vocab] each token was the argmax of (for parity checks)."""
@@ -142,6 +146,7 @@ class GraphedEngine:
 
     name = "graphed"
     needs_cuda = True
+    takes_host_inputs = True
     compile_stages = False
 
     def __init__(self, model, n_tokens: int = 7, max_prompt_tokens: int = MAX_PROMPT_TOKENS):
@@ -158,15 +163,25 @@ class GraphedEngine:
         self.num_patches = config.num_patches
         self.max_seq_len = -(-(self.num_patches + max_prompt_tokens + n_tokens) // 64) * 64
         image = config.vits[0].image
+        self.image_shape = (image, image, 3)
         pixel_dtype = model.projector.fc1.weight.dtype
-        # static inputs and outputs: every replay reads and writes these same addresses
+        # what the host writes before each replay, in pinned memory: the uint8 image, and the prompt ids
+        # followed by the last real prompt position and the prefix length (= that + 1)
+        self.host_image = torch.zeros(self.image_shape, dtype=torch.uint8, pin_memory=True)
+        self.host_ids = torch.full((max_prompt_tokens + 2,), config.pad_token_id, dtype=torch.long, pin_memory=True)
+        self.host_tokens = torch.zeros(n_tokens, dtype=torch.long, pin_memory=True)
+        self._host_image, self._host_ids = self.host_image.numpy(), self.host_ids.numpy()  # ~100x cheaper writes
+        # their device copies, and the static outputs: every replay reads and writes these same addresses
+        self.image = torch.zeros(self.image_shape, device=device, dtype=torch.uint8)
+        self.ids = torch.full((max_prompt_tokens + 2,), config.pad_token_id, device=device, dtype=torch.long)
+        self.input_ids = self.ids[None, :max_prompt_tokens]
+        self.last_index = self.ids[max_prompt_tokens : max_prompt_tokens + 1]
+        self.prefix_len = self.ids[max_prompt_tokens + 1 :]
         self.pixel_values = torch.zeros(1, 6, image, image, device=device, dtype=pixel_dtype)
-        self.input_ids = torch.full((1, max_prompt_tokens), config.pad_token_id, device=device, dtype=torch.long)
-        self.last_index = torch.zeros(1, device=device, dtype=torch.long)  # the last real prompt position
-        self.prefix_len = torch.zeros(1, device=device, dtype=torch.long)  # = last_index + 1
         self.tokens = torch.zeros(n_tokens, device=device, dtype=torch.long)
         self.logits = torch.zeros(n_tokens, config.llm.vocab_size, device=device, dtype=torch.float32)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.replayed = torch.cuda.Event()  # the host buffers are free again once the last replay is done
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # by (prompt bucket, from the image)
         self.pool = torch.cuda.graph_pool_handle()
         self.captured_with: list[object] = []  # the caches each graph writes: kept alive with the graph
         backbone = model.vision_backbone
@@ -214,8 +229,14 @@ class GraphedEngine:
         logits = self.model.decode_step(token, input_pos)
         return logits.float(), logits.argmax(dim=-1, keepdim=True)
 
-    def _pipeline(self, bucket: int) -> None:
+    def _pipeline(self, bucket: int, from_image: bool) -> None:
         """Everything one replay does, reading and writing only the static buffers."""
+        from rtloop.policy.processor import normalise
+
+        self.ids.copy_(self.host_ids, non_blocking=True)
+        if from_image:  # the processor's device half: the uint8 image in, both normalisations
+            self.image.copy_(self.host_image, non_blocking=True)
+            normalise(self.image.permute(2, 0, 1), self.pixel_values.dtype, out=self.pixel_values)
         patches = self._encode()
         logits, token = self.prefill(self.input_ids[:, :bucket], patches, self.last_index)
         self.logits[0].copy_(logits[0])
@@ -224,46 +245,54 @@ class GraphedEngine:
             logits, token = self.decode(token, self.prefix_len + (i - 1))
             self.logits[i].copy_(logits[0])
             self.tokens[i : i + 1].copy_(token[0])
+        self.host_tokens.copy_(self.tokens, non_blocking=True)
 
-    def _capture(self, bucket: int) -> torch.cuda.CUDAGraph:
+    def _capture(self, bucket: int, from_image: bool) -> torch.cuda.CUDAGraph:
         lm = self.model.language_model
         if lm.max_batch < 1 or lm.max_seq_len < self.max_seq_len:
             self.model.setup_caches(1, self.max_seq_len)
         self.captured_with.append([layer.self_attn.kv_cache for layer in lm.model.layers])
         # warm-up on a side stream, as capture requires (this is also when torch.compile compiles)
-        self.last_index.fill_(self.num_patches)
-        self.prefix_len.fill_(self.num_patches + 1)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.no_grad(), torch.cuda.stream(stream):
             for _ in range(2):
-                self._pipeline(bucket)
+                self._pipeline(bucket, from_image)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
-            self._pipeline(bucket)
+            self._pipeline(bucket, from_image)
         return graph
 
-    def _replay(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> None:
+    def _replay(self, pixels, input_ids: torch.Tensor) -> None:
+        """pixels: the uint8 HxWx3 image (numpy) or pixel_values [1, 6, H, W] on the device."""
         T = input_ids.shape[1]
         if T > self.max_prompt_tokens:
             raise InputError(
                 f"prompt of {T} tokens is longer than engine {self.name!r} allows ({self.max_prompt_tokens})"
             )
-        bucket = min(-(-T // PROMPT_BUCKET) * PROMPT_BUCKET, self.max_prompt_tokens)
-        if bucket not in self.graphs:
-            self.graphs[bucket] = self._capture(bucket)
-        self.pixel_values.copy_(pixel_values)
-        self.input_ids[:, :T].copy_(input_ids)
-        self.last_index.fill_(self.num_patches + T - 1)  # BOS + patches + T - 1 more prompt tokens
-        self.prefix_len.fill_(self.num_patches + T)
-        self.graphs[bucket].replay()
+        from_image = isinstance(pixels, np.ndarray)
+        if from_image and pixels.shape != self.image_shape:
+            raise InputError(f"engine {self.name!r} takes {self.image_shape} images, got {pixels.shape}")
+        self.replayed.synchronize()  # the previous replay has read the host buffers
+        if from_image:
+            np.copyto(self._host_image, pixels)
+        else:
+            self.pixel_values.copy_(pixels)
+        self._host_ids[:T] = input_ids[0].cpu().numpy()
+        self._host_ids[self.max_prompt_tokens] = self.num_patches + T - 1  # BOS + patches + T - 1 prompt tokens
+        self._host_ids[self.max_prompt_tokens + 1] = self.num_patches + T
+        key = (min(-(-T // PROMPT_BUCKET) * PROMPT_BUCKET, self.max_prompt_tokens), from_image)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(*key)
+        self.graphs[key].replay()
+        self.replayed.record()
 
     def generate(self, pixel_values, input_ids):
+        # the tokens land in pinned host memory, copied by the graph's last node: after the caller's
+        # synchronise, reading them costs no device call
         self._replay(pixel_values, input_ids)
-        # straight to pinned host memory, queued behind the graph: the caller's synchronise lands it, and
-        # reading the tokens then costs no device call (a blocking .cpu() cost ~0.1 ms of host time)
-        return torch.empty(self.n_tokens, dtype=torch.long, pin_memory=True).copy_(self.tokens, non_blocking=True)
+        return self.host_tokens
 
     def generate_with_logits(self, pixel_values, input_ids):
         self._replay(pixel_values, input_ids)

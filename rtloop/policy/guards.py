@@ -70,8 +70,9 @@ class Guards:
         alerts, self._pending = self._pending, []
         return alerts
 
-    def check_frame(self, image: np.ndarray) -> None:
-        thumb = image[::THUMB_STRIDE, ::THUMB_STRIDE].astype(np.float32)  # contiguous: half numpy's strided cost
+    def check_frame(self, image: np.ndarray) -> np.ndarray:
+        """Warn on a black or constant frame; return the frame's thumbnail, for `check_action`."""
+        thumb = thumbnail(image)
         mean = float(thumb.mean())
         std = math.sqrt(max(float((thumb * thumb).mean()) - mean * mean, 0.0))
         if mean < BLANK_MEAN:
@@ -80,6 +81,7 @@ class Guards:
         elif std < BLANK_STD:
             self.warn("blank_frame", f"the policy got a constant frame (pixel std {std:.2f}, mean {mean:.1f}); "
                                      "is the renderer working and the camera the right one?")
+        return thumb
 
     def check_prompt(self, prompt: str) -> None:
         m = _OFFICIAL_PROMPT.match(prompt)
@@ -112,8 +114,9 @@ class Guards:
             self.warn("unnorm_key", f"unnorm_key {key!r} is not a LIBERO dataset while running {suite!r}; "
                                     "LIBERO keys exist only in the fine-tuned checkpoints")
 
-    def check_action(self, image: np.ndarray, action: np.ndarray) -> None:
-        thumb = image[::THUMB_STRIDE, ::THUMB_STRIDE].astype(np.int16)
+    def check_action(self, image: np.ndarray, action: np.ndarray, thumb: np.ndarray | None = None) -> None:
+        """`thumb`: `check_frame`'s thumbnail of `image`, if it ran (a GPU policy runs it while it generates)."""
+        thumb = thumbnail(image) if thumb is None else thumb
         if self._last is not None:
             last_thumb, last_action = self._last
             same_action = np.array_equal(action, last_action)
@@ -133,6 +136,11 @@ class Guards:
         if not rotate:
             self.warn("image_orientation", "the 180° rotation of LIBERO frames is switched off: the model sees "
                                            "the scene upside down and mirrored, unlike its training data")
+
+
+def thumbnail(image: np.ndarray) -> np.ndarray:
+    """Every THUMB_STRIDE-th pixel, as float32 (contiguous: half numpy's strided cost to reduce)."""
+    return image[::THUMB_STRIDE, ::THUMB_STRIDE].astype(np.float32)
 
 
 def _differs_visibly(a: np.ndarray, b: np.ndarray) -> bool:

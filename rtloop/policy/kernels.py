@@ -8,8 +8,8 @@ registers, so int8/fp8 weights cost half the bytes of bf16), and reduces once at
 (N, K, dtypes, flags) on first use. `gated=True` computes SwiGLU's `silu(W_gate x) * (W_up x)` from the
 fused [gate; up] matrix in the same pass, so the MLP's hidden vector is never written twice; `norm` runs
 the RMSNorm before it and `residual` the add after it in the same pass too. What is left of a decode layer
-is two small kernels: `rope_cache_write` (RoPE on q and k, k and v into the cache) and `decode_attention`
-(one query over the cache, split into chunks of keys that one program each loads at once).
+is one more kernel, `decode_attention`: RoPE on the query and the new key, the cache write, and one query
+over the cache, split into chunks of keys that one program each loads at once.
 
 Prefill (~280 tokens) is a real matmul and runs on tensor cores: `int8_matmul` / `fp8_matmul` quantise the
 activations on the fly (one scale per token) and call cuBLAS's 8-bit GEMMs, then apply the weights' per-row
@@ -181,86 +181,61 @@ def _(x, weight, scale, gated, norm=None, eps=0.0, residual=None):
     return x.new_empty(*x.shape[:-1], n_out)
 
 
-if triton is not None:
-
-    @triton.jit
-    def _rope_cache_write_kernel(
-        qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, n_heads, max_seq_len,
-        HEAD_DIM: tl.constexpr,
-    ):
-        # programs 0 .. n_heads-1 rotate one query head each; the next ones rotate one key head and store it,
-        # and its value head, into the caches at the position
-        head = tl.program_id(0)
-        half = tl.arange(0, HEAD_DIM // 2)
-        cos = tl.load(cos_ptr + half).to(tl.float32)  # rotate_half's layout: both halves share the angles
-        sin = tl.load(sin_ptr + half).to(tl.float32)
-        src = qkv_ptr + head * HEAD_DIM + half
-        x1 = tl.load(src).to(tl.float32)
-        x2 = tl.load(src + HEAD_DIM // 2).to(tl.float32)
-        out1 = (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty)
-        out2 = (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty)
-        if head < n_heads:
-            tl.store(q_ptr + head * HEAD_DIM + half, out1)
-            tl.store(q_ptr + head * HEAD_DIM + HEAD_DIM // 2 + half, out2)
-        else:
-            kv_head = head - n_heads
-            n_kv_heads = tl.num_programs(0) - n_heads
-            row = (kv_head * max_seq_len + tl.load(pos_ptr)) * HEAD_DIM
-            tl.store(k_cache_ptr + row + half, out1)
-            tl.store(k_cache_ptr + row + HEAD_DIM // 2 + half, out2)
-            v = qkv_ptr + (n_heads + n_kv_heads + kv_head) * HEAD_DIM + tl.arange(0, HEAD_DIM)
-            tl.store(v_cache_ptr + row + tl.arange(0, HEAD_DIM), tl.load(v))
-
-
-@torch.library.custom_op("rtloop::rope_cache_write", mutates_args=("k_cache", "v_cache"))
-def rope_cache_write(
-    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
-) -> torch.Tensor:
-    """One decode token's attention inputs in one kernel (Inductor made three of it): qkv [1, 1, (H + 2 Hkv) * D]
-    = [q; k; v], cos/sin [1, D] at input_pos [1] (rotate_half layout) -> the rotated query [1, H, 1, D]; the
-    rotated key and the value are written into k_cache/v_cache [1, Hkv, S, D] at input_pos."""
-    _, n_kv_heads, max_seq_len, head_dim = k_cache.shape
-    q = qkv.new_empty(1, n_heads, 1, head_dim)
-    _rope_cache_write_kernel[(n_heads + n_kv_heads,)](
-        qkv, cos, sin, input_pos, q, k_cache, v_cache, n_heads, max_seq_len, HEAD_DIM=head_dim,
-    )
-    return q
-
-
-@rope_cache_write.register_fake
-def _(qkv, cos, sin, input_pos, k_cache, v_cache, n_heads):
-    return qkv.new_empty(1, n_heads, 1, k_cache.shape[-1])
-
-
 ATTENTION_CHUNK = 32  # keys per program of the decode attention: one load each of K and V, no loop
 
 if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(
-        q_ptr, k_ptr, v_ptr, pos_ptr, part_ptr, arrivals_ptr, out_ptr, max_seq_len, scale,
-        GROUP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr,
+        qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, part_ptr, arrivals_ptr, out_ptr, max_seq_len, scale,
+        H: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr,
         N_CHUNKS_POW2: tl.constexpr,
     ):
-        # one (head, chunk of keys): softmax statistics and the unnormalised sum over this chunk alone; the
-        # last chunk of a head to finish combines them all (flash-decoding without a second launch)
+        # one (query head, chunk of keys): RoPE on this head's query and on the new key, the softmax statistics
+        # and the unnormalised sum over this chunk alone; the last chunk of a head to finish combines them all
+        # (flash-decoding without a second launch). The new key and value are used from registers, and the
+        # one program whose chunk holds the position (first head of the group) writes them into the cache;
+        # every other program reads only earlier positions, so nothing races.
         head, chunk = tl.program_id(0), tl.program_id(1)
-        n_keys = tl.load(pos_ptr) + 1
-        n_used = tl.cdiv(n_keys, CHUNK)
+        GROUP: tl.constexpr = H // H_KV
+        HALF: tl.constexpr = D // 2
+        pos = tl.load(pos_ptr)
+        n_used = pos // CHUNK + 1
         if chunk < n_used:  # chunks past the position hold nothing yet
-            keys = chunk * CHUNK + tl.arange(0, CHUNK)
+            kv_head = head // GROUP
+            half = tl.arange(0, HALF)
             d = tl.arange(0, D)
-            valid = keys < n_keys
-            offsets = (head // GROUP) * max_seq_len * D + keys[:, None] * D + d[None, :]
-            k = tl.load(k_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
-            q = tl.load(q_ptr + head * D + d).to(tl.float32)
-            scores = tl.where(valid, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
+            # rotate_half's layout: both halves share the angles; rounded as stored tensors would be
+            cos = tl.load(cos_ptr + pos * D + half).to(tl.float32)
+            sin = tl.load(sin_ptr + pos * D + half).to(tl.float32)
+            dtype = k_ptr.dtype.element_ty
+            q1 = tl.load(qkv_ptr + head * D + half).to(tl.float32)
+            q2 = tl.load(qkv_ptr + head * D + HALF + half).to(tl.float32)
+            q1, q2 = (q1 * cos - q2 * sin).to(dtype).to(tl.float32), (q2 * cos + q1 * sin).to(dtype).to(tl.float32)
+            new_k = qkv_ptr + (H + kv_head) * D
+            k1 = tl.load(new_k + half).to(tl.float32)
+            k2 = tl.load(new_k + HALF + half).to(tl.float32)
+            k1, k2 = (k1 * cos - k2 * sin).to(dtype), (k2 * cos + k1 * sin).to(dtype)
+            v_new = tl.load(qkv_ptr + (H + H_KV + kv_head) * D + d).to(dtype)
+
+            keys = chunk * CHUNK + tl.arange(0, CHUNK)
+            earlier = (keys < pos)[:, None]
+            is_new = (keys == pos)[:, None]
+            rows = kv_head * max_seq_len * D + keys[:, None] * D
+            k_lo = tl.where(is_new, k1[None, :], tl.load(k_ptr + rows + half[None, :], mask=earlier, other=0.0))
+            k_hi = tl.where(is_new, k2[None, :], tl.load(k_ptr + rows + HALF + half[None, :], mask=earlier, other=0.0))
+            v = tl.where(is_new, v_new[None, :], tl.load(v_ptr + rows + d[None, :], mask=earlier, other=0.0))
+            dot = tl.sum(k_lo.to(tl.float32) * q1[None, :], axis=1) + tl.sum(k_hi.to(tl.float32) * q2[None, :], axis=1)
+            scores = tl.where(keys <= pos, dot * scale, float("-inf"))
             m = tl.max(scores, axis=0)
             p = tl.exp(scores - m)  # exp(-inf) = 0 for the masked keys
+            if chunk == n_used - 1 and head % GROUP == 0:
+                row = (kv_head * max_seq_len + pos) * D
+                tl.store(k_ptr + row + half, k1)
+                tl.store(k_ptr + row + HALF + half, k2)
+                tl.store(v_ptr + row + d, v_new)
             part = part_ptr + (head * N_CHUNKS + chunk) * (D + 2)
-            tl.store(part + d, tl.sum(p[:, None] * v, axis=0))
+            tl.store(part + d, tl.sum(p[:, None] * v.to(tl.float32), axis=0))
             tl.store(part + D, m)
             tl.store(part + D + 1, tl.sum(p, axis=0))
             # every thread's stores issued, then one release-acquire count: the program that counts last
@@ -290,28 +265,33 @@ def _arrivals(device: torch.device, n_heads: int) -> torch.Tensor:
     return _ARRIVALS[device, n_heads]
 
 
-@torch.library.custom_op("rtloop::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """One query token's attention over cache positions 0 .. input_pos: q [1, H, 1, D], caches [1, Hkv, S, D]
-    -> [1, H, 1, D], as scaled_dot_product_attention with the causal mask. One program per chunk of
-    ATTENTION_CHUNK keys, each a single load of its keys and values; the last of a head combines: for ~300
-    keys, short and wide beats cuDNN's one long loop (8.5 us a layer on an H100)."""
-    _, H, _, D = q.shape
-    _, n_kv_heads, max_seq_len, _ = k_cache.shape
+@torch.library.custom_op("rtloop::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
+) -> torch.Tensor:
+    """One decode token's attention, from the fused projection to the heads' outputs, in one kernel:
+    qkv [1, 1, (H + 2 Hkv) * D] = [q; k; v], the RoPE tables cos/sin [S, D] (rotate_half layout, indexed at
+    input_pos [1] inside), caches [1, Hkv, S, D] -> [1, H, 1, D], as RoPE, the cache write and
+    scaled_dot_product_attention with the causal mask would give; the rotated key and the value are written
+    into the caches at input_pos. One program per (head, chunk of ATTENTION_CHUNK keys), each a single load of
+    its keys and values; the last of a head combines. For ~300 keys, short and wide beats cuDNN's one long
+    loop (8.5 us a layer on an H100), and RoPE inside saves a launch a layer."""
+    _, n_kv_heads, max_seq_len, D = k_cache.shape
     n_chunks = triton.cdiv(max_seq_len, ATTENTION_CHUNK)
-    parts = torch.empty(H, n_chunks, D + 2, device=q.device, dtype=torch.float32)
-    out = torch.empty_like(q)
-    _decode_attention_kernel[(H, n_chunks)](
-        q, k_cache, v_cache, input_pos, parts, _arrivals(q.device, H), out, max_seq_len, D**-0.5,
-        GROUP=H // n_kv_heads, D=D, CHUNK=ATTENTION_CHUNK, N_CHUNKS=n_chunks,
+    parts = torch.empty(n_heads, n_chunks, D + 2, device=qkv.device, dtype=torch.float32)
+    out = qkv.new_empty(1, n_heads, 1, D)
+    _decode_attention_kernel[(n_heads, n_chunks)](
+        qkv, cos, sin, input_pos, k_cache, v_cache, parts, _arrivals(qkv.device, n_heads), out, max_seq_len,
+        D**-0.5, H=n_heads, H_KV=n_kv_heads, D=D, CHUNK=ATTENTION_CHUNK, N_CHUNKS=n_chunks,
         N_CHUNKS_POW2=triton.next_power_of_2(n_chunks),
     )
     return out
 
 
 @decode_attention.register_fake
-def _(q, k_cache, v_cache, input_pos):
-    return torch.empty_like(q)
+def _(qkv, cos, sin, input_pos, k_cache, v_cache, n_heads):
+    return qkv.new_empty(1, n_heads, 1, k_cache.shape[-1])
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

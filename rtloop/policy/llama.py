@@ -8,8 +8,8 @@ Every call has fixed shapes for a given (batch, tokens) and no data-dependent Py
 cache is written with `index_copy_` at `input_pos` and the causal mask is a precomputed bool buffer indexed
 by `input_pos`, so a decode step can be captured in a CUDA graph (a prefill from position 0 needs no mask:
 causal attention over its own tokens). `setup_caches` must run before `forward`. With `set_kernels(True)`
-a one-token step runs on rtloop.policy.kernels: each norm and residual add inside a GEMV, RoPE and the
-cache write in one kernel, the attention in another.
+a one-token step runs on rtloop.policy.kernels: each norm and residual add inside a GEMV, and RoPE, the
+cache write and the attention in one more kernel.
 """
 
 from __future__ import annotations
@@ -83,9 +83,8 @@ class SelfAttention(nn.Module):
         """The residual stream x [B, T, D] -> x + attention(norm(x))."""
         B, T, _ = x.shape
         qkv, cache = self.qkv(x, norm=norm), self.kv_cache
-        if self.qkv.use_kernels and B * T == 1:  # a decode step on rtloop.policy.kernels: two kernels
-            q = kernels.rope_cache_write(qkv, cos, sin, input_pos, cache.k_cache, cache.v_cache, self.n_heads)
-            y = kernels.decode_attention(q, cache.k_cache[:1], cache.v_cache[:1], input_pos)
+        if self.qkv.use_kernels and B * T == 1:  # a decode step on rtloop.policy.kernels: cos/sin are the tables
+            y = kernels.decode_attention(qkv, cos, sin, input_pos, cache.k_cache, cache.v_cache, self.n_heads)
         else:
             y = self._attention(qkv, cos, sin, mask, input_pos)
         return self.out(y.transpose(1, 2).reshape(B, T, -1), residual=x)
@@ -207,8 +206,11 @@ class Llama(nn.Module):
         prefill = input_pos is None
         if prefill:
             input_pos = torch.arange(x.shape[1], device=x.device)
-        cos = self.rope_cos[input_pos].to(x.dtype)  # [T, head_dim], broadcast over batch and heads
-        sin = self.rope_sin[input_pos].to(x.dtype)
+        if self.use_kernels and x.shape[0] * x.shape[1] == 1:  # the decode kernel indexes the fp32 tables itself
+            cos, sin = self.rope_cos, self.rope_sin
+        else:
+            cos = self.rope_cos[input_pos].to(x.dtype)  # [T, head_dim], broadcast over batch and heads
+            sin = self.rope_sin[input_pos].to(x.dtype)
         mask = None if prefill else self.causal_mask[None, None, input_pos]  # [1, 1, T, max_seq_len]
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, input_pos)

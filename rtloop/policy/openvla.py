@@ -5,9 +5,10 @@
     env.step(out.action)
 
 Stages (rtloop.policy.base.STAGES), each a `timed_stage` so profilers see the same names:
-- processor: LIBERO image path (act only), prompt, tokens, pixel_values including host->device
-- generate: the engine's 1 prefill + 6 decode steps, synchronised on CUDA so the GPU time lands here; the
-  frame and prompt checks run on the host meanwhile
+- processor: LIBERO image path (act only), prompt, tokens, pixel_values including host->device (graphed
+  engines take the uint8 image and do that inside their graph, so for them this is the prompt only)
+- generate: the engine's vision towers, 1 prefill + 6 decode steps, synchronised on CUDA so the GPU time
+  lands here; the frame and prompt checks run on the host meanwhile
 - detokenize: tokens to the host, bins -> action, validity checks and silent-failure detectors
 """
 
@@ -25,6 +26,7 @@ from rtloop.policy.model import OpenVLA
 from rtloop.policy.processor import (
     PROMPT_TEMPLATE,
     build_prompt,
+    check_image,
     check_prompt_template,
     pixel_values,
     prepare_libero_image,
@@ -78,7 +80,7 @@ class OpenVLAPolicy:
         self._detokenizer(self.unnorm_key)  # fail at construction, not at the first action
         self.engine = build_engine(engine, self.model)
         self._sync = torch.cuda.synchronize if self.device.type == "cuda" else None
-        self._prompt_ids: tuple[str, torch.Tensor] | None = None  # the last prompt, tokenized, on the device
+        self._prompt_ids: tuple[str, torch.Tensor] | None = None  # the last prompt, tokenized, where it is used
 
         generated = self.config.generated or {}  # set by `rtloop checkpoint make`, absent in real checkpoints
         self._checkpoint_label = f"openvla {Path(checkpoint_dir).name} ({checkpoint_dir})"
@@ -101,9 +103,9 @@ class OpenVLAPolicy:
             )
         return self._detokenizers[key]
 
-    def _input_ids(self, prompt: str) -> torch.Tensor:
-        if self._prompt_ids is None or self._prompt_ids[0] != prompt:
-            self._prompt_ids = (prompt, tokenize_prompt(self.tokenizer, prompt).to(self.device))
+    def _input_ids(self, prompt: str, device: torch.device) -> torch.Tensor:
+        if self._prompt_ids is None or self._prompt_ids[0] != prompt or self._prompt_ids[1].device != device:
+            self._prompt_ids = (prompt, tokenize_prompt(self.tokenizer, prompt).to(device))
         return self._prompt_ids[1]
 
     def predict_action(
@@ -118,18 +120,21 @@ class OpenVLAPolicy:
         timings = {} if timings is None else timings
         key = self.unnorm_key if unnorm_key is None else resolve_unnorm_key(self.config.norm_stats, unnorm_key)
         detokenize = self._detokenizer(key)
-        with timed_stage("processor", timings, self._sync):
+        engine = self.engine
+        # graphed engines take the image and the ids on the host: their graph copies and normalises
+        on_host = getattr(engine, "takes_host_inputs", False) and check_image(image).shape == engine.image_shape
+        with timed_stage("processor", timings, None if on_host else self._sync):
             prompt = build_prompt(instruction, self.prompt_template)
-            input_ids = self._input_ids(prompt)
-            pixels = pixel_values(image, self.device, self.dtype)
+            input_ids = self._input_ids(prompt, torch.device("cpu") if on_host else self.device)
+            pixels = image if on_host else pixel_values(image, self.device, self.dtype)
         with timed_stage("generate", timings, self._sync):
-            tokens = self.engine.generate(pixels, input_ids)
+            tokens = engine.generate(pixels, input_ids)
             # the input checks need nothing from the device: on a GPU they run while it generates
-            self.guards.check_frame(image)
+            thumb = self.guards.check_frame(image)
             self.guards.check_prompt(prompt)
         with timed_stage("detokenize", timings):
             action = detokenize(tokens.cpu().numpy())
-            self.guards.check_action(image, action)
+            self.guards.check_action(image, action, thumb)
         return action, timings
 
     def act(self, frame: np.ndarray, instruction: str) -> PolicyOutput:

@@ -109,7 +109,8 @@ def pixel_values(image: np.ndarray, device: torch.device | str, dtype: torch.dty
     """HxWx3 uint8 -> [1, 6, 224, 224]: DINOv2-normalised RGB, then SigLIP-normalised RGB. The uint8 image
     crosses to the device (a quarter of the float bytes) from pinned memory, without blocking; on the device
     both normalisations are one broadcast multiply-add into the output dtype (a few ops cost ~0.1 ms each on
-    the host, which is what this stage is made of)."""
+    the host, which is what this stage is made of). Graphed engines skip it: they take the uint8 image, and
+    its copy and normalisation are the first nodes of their CUDA graph."""
     check_image(image)
     device = torch.device(device)
     pinned = device.type == "cuda"
@@ -122,10 +123,17 @@ def pixel_values(image: np.ndarray, device: torch.device | str, dtype: torch.dty
         x = F.interpolate(x[None].float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bicubic", antialias=True,
                           align_corners=False)[0]
         x = x.round_().clamp_(0, 255)
-    scale, shift = _normalisation(device)
-    out = torch.empty(1, 2, 3, IMAGE_SIZE, IMAGE_SIZE, device=device, dtype=dtype)
-    torch.addcmul(shift, x[None, None], scale, out=out)  # (x / 255 - mean) / std, per backbone and channel
-    return out.view(1, 6, IMAGE_SIZE, IMAGE_SIZE)
+    return normalise(x, dtype)
+
+
+def normalise(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """RGB [3, H, W] with values 0..255 (any dtype) -> [1, 6, H, W] of `dtype`: DINOv2's normalisation, then
+    SigLIP's. One broadcast multiply-add on x's device. Graphed engines run it inside their CUDA graph."""
+    scale, shift = _normalisation(x.device)
+    H, W = x.shape[-2:]
+    out = torch.empty(1, 6, H, W, device=x.device, dtype=dtype) if out is None else out
+    torch.addcmul(shift, x[None, None], scale, out=out.view(1, 2, 3, H, W))  # (x / 255 - mean) / std
+    return out
 
 
 _NORMALISATION: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -117,6 +117,23 @@ def test_graphed_matches_eager_on_cuda(tiny_checkpoint, frames, dtype):
     # a replay after other prompts gives what the first did: no state leaks between calls
     again, _ = engine_tokens(policy, frames[:1])
     assert torch.equal(again[0], graphed_tokens[0])
+    _image_path_matches(policy, frames, graphed_tokens)
+
+
+def _image_path_matches(policy, frames, tokens):
+    """engine_tokens (as predict_action) hands a graphed engine the uint8 image and host ids, copied and
+    normalised inside its graph; pixel_values and device ids, as the other engines take, give the same tokens,
+    and `generate`'s pinned output is right call after call."""
+    from rtloop.policy.processor import build_prompt, pixel_values, prepare_libero_image, tokenize_prompt
+
+    assert policy.engine.takes_host_inputs
+    for _ in range(2):
+        for frame, expected in zip(frames, tokens):
+            ids = tokenize_prompt(policy.tokenizer, build_prompt(frame.instruction)).to(policy.device)
+            pixels = pixel_values(prepare_libero_image(frame.image), policy.device, policy.dtype)
+            out = policy.engine.generate(pixels, ids)
+            torch.cuda.synchronize()
+            assert out.is_pinned() and torch.equal(out, expected.cpu())
 
 
 @pytest.mark.gpu
@@ -127,6 +144,7 @@ def test_compiled_matches_eager_on_cuda(tiny_checkpoint, frames):
     tokens, logits = _run(policy, "compiled", frames)
     assert torch.equal(tokens, eager_tokens)
     assert (logits - eager_logits).abs().max() < 1e-2
+    _image_path_matches(policy, frames, tokens)
 
 
 @pytest.mark.gpu

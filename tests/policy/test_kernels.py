@@ -70,64 +70,54 @@ def test_gemv_fuses_the_rmsnorm_before_and_the_residual_after(fmt, shape, gated)
     _close(kernels.gemv(x, w, scale, gated, norm.weight, norm.eps), unfused - residual, 2e-2)
 
 
-@pytest.mark.parametrize("n_heads, n_kv_heads", [(4, 4), (4, 2)])
-def test_rope_cache_write_matches_the_unfused_attention_inputs(n_heads, n_kv_heads):
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+@pytest.mark.parametrize("pos", [0, 31, 32, 70, 95])  # one key; chunk edges; the last cache slot
+def test_decode_attention_is_rope_cache_write_and_masked_sdpa(pos, n_kv_heads):
+    import torch.nn.functional as F
+
     from rtloop.policy.config import LlamaArgs
     from rtloop.policy.llama import KVCache, rope_tables, rotate_half
 
-    head_dim, max_seq_len, pos = 16, 40, 29
-    g = torch.Generator().manual_seed(3)
+    n_heads, head_dim, max_seq_len = 4, 16, 96
+    g = torch.Generator().manual_seed(pos)
     qkv = torch.randn(1, 1, (n_heads + 2 * n_kv_heads) * head_dim, generator=g).bfloat16().to(DEVICE)
     args = LlamaArgs(hidden_size=n_heads * head_dim, intermediate_size=8, num_hidden_layers=1,
                      num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, vocab_size=8)
-    cos, sin = (t[pos : pos + 1].bfloat16() for t in rope_tables(args, max_seq_len, DEVICE))
+    cos, sin = rope_tables(args, max_seq_len, DEVICE)
     input_pos = torch.tensor([pos], device=DEVICE)
     fused_cache, plain_cache = (KVCache(1, max_seq_len, n_kv_heads, head_dim, DEVICE, torch.bfloat16) for _ in "ab")
-    earlier = torch.randn(2, *fused_cache.k_cache.shape, generator=g).bfloat16().to(DEVICE)  # must survive
+    scale = torch.tensor([3.0, 1.0]).view(2, 1, 1, 1, 1)  # peaked scores, unit values
+    earlier = (scale * torch.randn(2, *fused_cache.k_cache.shape, generator=g)).bfloat16().to(DEVICE)
     for cache in (fused_cache, plain_cache):
         cache.k_cache.copy_(earlier[0])
         cache.v_cache.copy_(earlier[1])
 
-    q = kernels.rope_cache_write(qkv, cos, sin, input_pos, fused_cache.k_cache, fused_cache.v_cache, n_heads)
+    y = kernels.decode_attention(qkv, cos, sin, input_pos, fused_cache.k_cache, fused_cache.v_cache, n_heads)
 
-    q_ref, k, v = qkv.float().split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
-    q_ref, k, v = (t.view(1, 1, -1, head_dim).transpose(1, 2) for t in (q_ref, k, v))
-    q_ref = q_ref * cos.float() + rotate_half(q_ref) * sin.float()
-    k = k * cos.float() + rotate_half(k) * sin.float()
-    plain_cache.update(input_pos, k.bfloat16(), v.bfloat16())
-    assert q.shape == (1, n_heads, 1, head_dim)
-    bf16 = dict(rtol=1e-2, atol=1e-2)  # one bf16 rounding apart at most (the GPU may fuse a multiply-add)
-    torch.testing.assert_close(q, q_ref.bfloat16(), **bf16)
-    torch.testing.assert_close(fused_cache.k_cache, plain_cache.k_cache, **bf16)
-    assert torch.equal(fused_cache.v_cache, plain_cache.v_cache)
-    assert torch.equal(fused_cache.k_cache[:, :, :pos], earlier[0][:, :, :pos])
-
-
-@pytest.mark.parametrize("n_kv_heads", [4, 2])
-@pytest.mark.parametrize("pos", [0, 31, 32, 70, 95])  # one key; chunk edges; the last cache slot
-def test_decode_attention_is_masked_sdpa(pos, n_kv_heads):
-    import torch.nn.functional as F
-
-    n_heads, head_dim, max_seq_len = 4, 16, 96
-    g = torch.Generator().manual_seed(pos)
-    q = torch.randn(1, n_heads, 1, head_dim, generator=g).bfloat16().to(DEVICE)
-    k_cache = (3 * torch.randn(1, n_kv_heads, max_seq_len, head_dim, generator=g)).bfloat16().to(DEVICE)
-    v_cache = torch.randn(1, n_kv_heads, max_seq_len, head_dim, generator=g).bfloat16().to(DEVICE)
-    input_pos = torch.tensor([pos], device=DEVICE)
-
-    y = kernels.decode_attention(q, k_cache, v_cache, input_pos)
-
+    # unfused, in float32: RoPE at pos, the cache write, SDPA over positions 0..pos
+    q, k, v = qkv.float().split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
+    q, k, v = (t.view(1, 1, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+    c, s = cos[pos], sin[pos]
+    q = (q * c + rotate_half(q) * s).bfloat16()
+    k = (k * c + rotate_half(k) * s).bfloat16()
+    k_all, v_all = plain_cache.update(input_pos, k, v.bfloat16())
     group = n_heads // n_kv_heads
     mask = (torch.arange(max_seq_len, device=DEVICE) <= pos)[None, None, None]  # the causal mask's row `pos`
-    ref = F.scaled_dot_product_attention(q.float(), k_cache.float().repeat_interleave(group, 1),
-                                         v_cache.float().repeat_interleave(group, 1), attn_mask=mask)
-    assert y.shape == q.shape and y.dtype == q.dtype
+    ref = F.scaled_dot_product_attention(q.float(), k_all.float().repeat_interleave(group, 1),
+                                         v_all.float().repeat_interleave(group, 1), attn_mask=mask)
+    assert y.shape == (1, n_heads, 1, head_dim) and y.dtype == qkv.dtype
     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+    bf16 = dict(rtol=1e-2, atol=1e-2)  # one bf16 rounding apart at most (the GPU may fuse a multiply-add)
+    torch.testing.assert_close(fused_cache.k_cache, plain_cache.k_cache, **bf16)
+    assert torch.equal(fused_cache.v_cache, plain_cache.v_cache)
+    assert torch.equal(fused_cache.k_cache[:, :, :pos], earlier[0][:, :, :pos])  # earlier positions survive
+    assert torch.equal(fused_cache.k_cache[:, :, pos + 1 :], earlier[0][:, :, pos + 1 :])
     # the last chunk of each head combines, counted with atomics: the same answer every time (a race would
     # differ), and the counters back at zero for the next call
     for _ in range(100 if DEVICE == "cuda" else 1):
-        assert torch.equal(kernels.decode_attention(q, k_cache, v_cache, input_pos), y)
-    assert not kernels._arrivals(q.device, n_heads).any()
+        again = kernels.decode_attention(qkv, cos, sin, input_pos, fused_cache.k_cache, fused_cache.v_cache, n_heads)
+        assert torch.equal(again, y)
+    assert not kernels._arrivals(qkv.device, n_heads).any()
 
 
 @pytest.mark.parametrize("fmt, matmul, rel", [("int8", kernels.int8_matmul, 0.03), ("fp8", kernels.fp8_matmul, 0.08)])
