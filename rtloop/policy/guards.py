@@ -56,7 +56,9 @@ class Guards:
     def __init__(self) -> None:
         self._pending: list[Alert] = []
         self._fired: set[str] = set()
-        self._last: tuple[np.ndarray, np.ndarray] | None = None  # (thumbnail, action) of the previous call
+        self._thumb: np.ndarray | None = None  # the last frame's thumbnail
+        self._frame_changed = False  # the last frame differs visibly from the one before
+        self._last_action: np.ndarray | None = None
         self._same_action_run = 1
 
     def warn(self, kind: str, message: str) -> None:
@@ -70,8 +72,9 @@ class Guards:
         alerts, self._pending = self._pending, []
         return alerts
 
-    def check_frame(self, image: np.ndarray) -> np.ndarray:
-        """Warn on a black or constant frame; return the frame's thumbnail, for `check_action`."""
+    def check_frame(self, image: np.ndarray) -> None:
+        """Warn on a black or constant frame, and note whether it differs visibly from the previous one (for
+        `check_action`, which a GPU policy calls after the model: this part runs while the GPU generates)."""
         thumb = thumbnail(image)
         mean = float(thumb.mean())
         std = math.sqrt(max(float((thumb * thumb).mean()) - mean * mean, 0.0))
@@ -81,7 +84,9 @@ class Guards:
         elif std < BLANK_STD:
             self.warn("blank_frame", f"the policy got a constant frame (pixel std {std:.2f}, mean {mean:.1f}); "
                                      "is the renderer working and the camera the right one?")
-        return thumb
+        last = self._thumb
+        self._frame_changed = last is not None and (last.shape != thumb.shape or _differs_visibly(thumb, last))
+        self._thumb = thumb
 
     def check_prompt(self, prompt: str) -> None:
         m = _OFFICIAL_PROMPT.match(prompt)
@@ -114,18 +119,15 @@ class Guards:
             self.warn("unnorm_key", f"unnorm_key {key!r} is not a LIBERO dataset while running {suite!r}; "
                                     "LIBERO keys exist only in the fine-tuned checkpoints")
 
-    def check_action(self, image: np.ndarray, action: np.ndarray, thumb: np.ndarray | None = None) -> None:
-        """`thumb`: `check_frame`'s thumbnail of `image`, if it ran (a GPU policy runs it while it generates)."""
-        thumb = thumbnail(image) if thumb is None else thumb
-        if self._last is not None:
-            last_thumb, last_action = self._last
-            same_action = np.array_equal(action, last_action)
-            if not same_action:
+    def check_action(self, action: np.ndarray) -> None:
+        """After `check_frame` of the frame this action answers."""
+        if self._last_action is not None:
+            if not np.array_equal(action, self._last_action):
                 self._same_action_run = 1
-            elif thumb.shape == last_thumb.shape and _differs_visibly(thumb, last_thumb):
+            elif self._frame_changed:
                 self._same_action_run += 1
             # same action on an unchanged frame: expected, and no evidence either way
-        self._last = (thumb, np.array(action, copy=True))
+        self._last_action = np.array(action, copy=True)
         if self._same_action_run >= CONSTANT_ACTION_RUN:
             self.warn("constant_action", f"the same action {np.round(action, 4).tolist()} came back for "
                                          f"{self._same_action_run} consecutive, visibly different frames: the "

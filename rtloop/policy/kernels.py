@@ -36,6 +36,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # RTLOOP_AUTOTUNE=0: one fixed GEMV tile instead of timing 26 per (shape, dtypes, flags). The GPU tests set
 # it: they check what the kernel computes, and the tuning made a whole test file take minutes.
 AUTOTUNE = os.environ.get("RTLOOP_AUTOTUNE", "1") != "0"
+# RTLOOP_PDL=0: launch the decode kernels one after another, as plain launches (to measure what PDL buys)
+PDL = os.environ.get("RTLOOP_PDL", "1") != "0"
 
 
 def available(device: torch.device) -> bool:
@@ -46,53 +48,78 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _weight_tile(row_ptrs, rows, kk, N, K, EVEN: tl.constexpr):
+        if EVEN:
+            return tl.load(row_ptrs + kk[None, :])
+        return tl.load(row_ptrs + kk[None, :], mask=(rows[:, None] < N) & (kk[None, :] < K), other=0.0)
+
+    @triton.jit
+    def _gemv_step(acc, acc_up, sum_sq, w, w_up, x_ptr, norm_ptr, kk, K,
+                   GATED: tl.constexpr, HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr):
+        """One BLOCK_K-wide tile: x (normed: times the norm weight, its squares summed) times the weights."""
+        if EVEN_K:
+            x = tl.load(x_ptr + kk).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            sum_sq += x * x
+            if EVEN_K:
+                x *= tl.load(norm_ptr + kk).to(tl.float32)
+            else:
+                x *= tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
+        if GATED:
+            acc_up += w_up.to(tl.float32) * x[None, :]
+        return acc, acc_up, sum_sq
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, scale_ptr, norm_ptr, residual_ptr, y_ptr, N, K, eps,
         HAS_SCALE: tl.constexpr, GATED: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+        USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+        EVEN_K: tl.constexpr,
     ):
         # y[n] = sum_k w[n, k] * x[k] * scale[n]; GATED: rows N..2N-1 of w are the "up" half, and
         # y[n] = silu(gate[n]) * up[n]. HAS_NORM: x is first RMS-normalised and scaled by norm[k]; the
         # 1/rms factor is the same for every k, so it is summed alongside and applied once at the end.
         # HAS_RESIDUAL: y = residual + y, with y rounded to the output dtype first (as the unfused add).
+        # USE_PDL (launched as a programmatic dependent launch, Hopper+): this kernel may start while the one
+        # before it (which wrote x, and maybe the residual) still runs. The weights and scales are never
+        # written, so the first weight tile is loaded before gdc_wait, hiding the ramp-up every launch pays;
+        # everything else is read, and all is written, after it.
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         row_ptrs = w_ptr + rows[:, None] * K
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        if GATED:
-            acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        if HAS_NORM:
-            sum_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
         row_mask = rows < N
-        # the per-row inputs of the epilogue are loaded first, so their latency hides behind the loop
+        EVEN: tl.constexpr = EVEN_N and EVEN_K
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_up = acc
+        sum_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
         if HAS_SCALE:
             scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
             if GATED:
                 scale_up = tl.load(scale_ptr + N + rows, mask=row_mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
+        start = 0
+        if USE_PDL:
+            w = _weight_tile(row_ptrs, rows, cols, N, K, EVEN)
+            w_up = w
+            if GATED:
+                w_up = _weight_tile(row_ptrs + N * K, rows, cols, N, K, EVEN)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()  # after the wait: whatever follows may assume x's writer done
+            acc, acc_up, sum_sq = _gemv_step(acc, acc_up, sum_sq, w, w_up, x_ptr, norm_ptr, cols, K,
+                                             GATED, HAS_NORM, EVEN_K)
+            start = BLOCK_K
+        if HAS_RESIDUAL:  # loaded before the loop, so its latency hides behind it
             residual = tl.load(residual_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        for k in range(0, K, BLOCK_K):
+        for k in range(start, K, BLOCK_K):
             kk = k + cols
-            if EVEN_K:
-                x = tl.load(x_ptr + kk).to(tl.float32)
-            else:
-                x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            if HAS_NORM:
-                sum_sq += x * x
-                if EVEN_K:
-                    x *= tl.load(norm_ptr + kk).to(tl.float32)
-                else:
-                    x *= tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            x = x[None, :]
-            if EVEN_N and EVEN_K:
-                acc += tl.load(row_ptrs + kk[None, :]).to(tl.float32) * x
-                if GATED:
-                    acc_up += tl.load(row_ptrs + N * K + kk[None, :]).to(tl.float32) * x
-            else:
-                mask = (rows[:, None] < N) & (kk[None, :] < K)
-                acc += tl.load(row_ptrs + kk[None, :], mask=mask, other=0.0).to(tl.float32) * x
-                if GATED:
-                    acc_up += tl.load(row_ptrs + N * K + kk[None, :], mask=mask, other=0.0).to(tl.float32) * x
+            w = _weight_tile(row_ptrs, rows, kk, N, K, EVEN)
+            w_up = w
+            if GATED:
+                w_up = _weight_tile(row_ptrs + N * K, rows, kk, N, K, EVEN)
+            acc, acc_up, sum_sq = _gemv_step(acc, acc_up, sum_sq, w, w_up, x_ptr, norm_ptr, kk, K,
+                                             GATED, HAS_NORM, EVEN_K)
         y = tl.sum(acc, axis=1)
         if HAS_NORM:
             inv_rms = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / K + eps)
@@ -127,6 +154,18 @@ if triton is not None:
         if 1024 <= n * k <= 8192
     ] + [triton.Config({"BLOCK_N": n, "BLOCK_K": 1024}, num_warps=4, num_stages=3) for n in (2, 4)]
     _gemv_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "HAS_SCALE", "GATED", "HAS_NORM", "HAS_RESIDUAL"])(_even(_gemv_kernel))
+
+
+def _pdl(device: torch.device) -> dict:
+    """The launch options of a kernel written for programmatic dependent launch (see `_gemv_kernel`): on
+    Hopper and later, unless RTLOOP_PDL=0."""
+    if device not in _PDL:
+        on = PDL and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+        _PDL[device] = {"USE_PDL": on, "launch_pdl": True} if on else {"USE_PDL": False}
+    return _PDL[device]
+
+
+_PDL: dict[torch.device, dict] = {}
 
 
 def gemv_reference(
@@ -167,11 +206,13 @@ def gemv(
     flags = {"HAS_SCALE": scale is not None, "GATED": gated, "HAS_NORM": norm is not None,
              "HAS_RESIDUAL": residual is not None}
     if INTERPRET:  # no benchmarking without a GPU: one fixed tile, large because each program costs numpy calls
-        _gemv_fixed[(triton.cdiv(n_out, 64),)](*args, **flags, BLOCK_N=64, BLOCK_K=128)
-    elif not AUTOTUNE:
-        _gemv_fixed[(triton.cdiv(n_out, 2),)](*args, **flags, BLOCK_N=2, BLOCK_K=1024, num_warps=4)
+        _gemv_fixed[(triton.cdiv(n_out, 64),)](*args, **flags, USE_PDL=False, BLOCK_N=64, BLOCK_K=128)
+        return y
+    pdl = _pdl(x.device)
+    if not AUTOTUNE:
+        _gemv_fixed[(triton.cdiv(n_out, 2),)](*args, **flags, **pdl, BLOCK_N=2, BLOCK_K=1024, num_warps=4)
     else:
-        _gemv_tuned[lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]),)](*args, **flags)
+        _gemv_tuned[lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]),)](*args, **flags, **pdl)
     return y
 
 
@@ -189,13 +230,15 @@ if triton is not None:
     def _decode_attention_kernel(
         qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, part_ptr, arrivals_ptr, out_ptr, max_seq_len, scale,
         H: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr,
-        N_CHUNKS_POW2: tl.constexpr,
+        N_CHUNKS_POW2: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         # one (query head, chunk of keys): RoPE on this head's query and on the new key, the softmax statistics
         # and the unnormalised sum over this chunk alone; the last chunk of a head to finish combines them all
         # (flash-decoding without a second launch). The new key and value are used from registers, and the
         # one program whose chunk holds the position (first head of the group) writes them into the cache;
         # every other program reads only earlier positions, so nothing races.
+        # USE_PDL: the kernel before this one (the qkv GEMV) may still run; the cached keys and values of
+        # earlier positions, the position and the RoPE tables are not its outputs, so they load first.
         head, chunk = tl.program_id(0), tl.program_id(1)
         GROUP: tl.constexpr = H // H_KV
         HALF: tl.constexpr = D // 2
@@ -205,9 +248,19 @@ if triton is not None:
             kv_head = head // GROUP
             half = tl.arange(0, HALF)
             d = tl.arange(0, D)
+            keys = chunk * CHUNK + tl.arange(0, CHUNK)
+            earlier = (keys < pos)[:, None]
+            is_new = (keys == pos)[:, None]
+            rows = kv_head * max_seq_len * D + keys[:, None] * D
+            k_lo = tl.load(k_ptr + rows + half[None, :], mask=earlier, other=0.0)
+            k_hi = tl.load(k_ptr + rows + HALF + half[None, :], mask=earlier, other=0.0)
+            v = tl.load(v_ptr + rows + d[None, :], mask=earlier, other=0.0)
             # rotate_half's layout: both halves share the angles; rounded as stored tensors would be
             cos = tl.load(cos_ptr + pos * D + half).to(tl.float32)
             sin = tl.load(sin_ptr + pos * D + half).to(tl.float32)
+            if USE_PDL:
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
             dtype = k_ptr.dtype.element_ty
             q1 = tl.load(qkv_ptr + head * D + half).to(tl.float32)
             q2 = tl.load(qkv_ptr + head * D + HALF + half).to(tl.float32)
@@ -217,14 +270,9 @@ if triton is not None:
             k2 = tl.load(new_k + HALF + half).to(tl.float32)
             k1, k2 = (k1 * cos - k2 * sin).to(dtype), (k2 * cos + k1 * sin).to(dtype)
             v_new = tl.load(qkv_ptr + (H + H_KV + kv_head) * D + d).to(dtype)
-
-            keys = chunk * CHUNK + tl.arange(0, CHUNK)
-            earlier = (keys < pos)[:, None]
-            is_new = (keys == pos)[:, None]
-            rows = kv_head * max_seq_len * D + keys[:, None] * D
-            k_lo = tl.where(is_new, k1[None, :], tl.load(k_ptr + rows + half[None, :], mask=earlier, other=0.0))
-            k_hi = tl.where(is_new, k2[None, :], tl.load(k_ptr + rows + HALF + half[None, :], mask=earlier, other=0.0))
-            v = tl.where(is_new, v_new[None, :], tl.load(v_ptr + rows + d[None, :], mask=earlier, other=0.0))
+            k_lo = tl.where(is_new, k1[None, :], k_lo)
+            k_hi = tl.where(is_new, k2[None, :], k_hi)
+            v = tl.where(is_new, v_new[None, :], v)
             dot = tl.sum(k_lo.to(tl.float32) * q1[None, :], axis=1) + tl.sum(k_hi.to(tl.float32) * q2[None, :], axis=1)
             scores = tl.where(keys <= pos, dot * scale, float("-inf"))
             m = tl.max(scores, axis=0)
@@ -284,7 +332,7 @@ def decode_attention(
     _decode_attention_kernel[(n_heads, n_chunks)](
         qkv, cos, sin, input_pos, k_cache, v_cache, parts, _arrivals(qkv.device, n_heads), out, max_seq_len,
         D**-0.5, H=n_heads, H_KV=n_kv_heads, D=D, CHUNK=ATTENTION_CHUNK, N_CHUNKS=n_chunks,
-        N_CHUNKS_POW2=triton.next_power_of_2(n_chunks),
+        N_CHUNKS_POW2=triton.next_power_of_2(n_chunks), **({"USE_PDL": False} if INTERPRET else _pdl(qkv.device)),
     )
     return out
 

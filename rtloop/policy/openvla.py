@@ -130,11 +130,11 @@ class OpenVLAPolicy:
         with timed_stage("generate", timings, self._sync):
             tokens = engine.generate(pixels, input_ids)
             # the input checks need nothing from the device: on a GPU they run while it generates
-            thumb = self.guards.check_frame(image)
+            self.guards.check_frame(image)
             self.guards.check_prompt(prompt)
         with timed_stage("detokenize", timings):
             action = detokenize(tokens.cpu().numpy())
-            self.guards.check_action(image, action, thumb)
+            self.guards.check_action(action)
         return action, timings
 
     def act(self, frame: np.ndarray, instruction: str) -> PolicyOutput:

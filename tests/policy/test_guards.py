@@ -85,17 +85,22 @@ def test_matching_key_is_silent(key, stats, suite):
     assert kinds(g) == []
 
 
+def _step(g, frame, action):
+    g.check_frame(frame)
+    g.check_action(action)
+
+
 def test_same_action_for_differing_frames():
     g = Guards()
     action = np.array([0.1, 0.0, -0.2, 0.0, 0.0, 0.0, 1.0])
     for i in range(CONSTANT_ACTION_RUN - 1):
-        g.check_action(scene(i), action)
+        _step(g, scene(i), action)
     assert kinds(g) == []  # one short of the run length
-    g.check_action(scene(CONSTANT_ACTION_RUN), action)
+    _step(g, scene(CONSTANT_ACTION_RUN), action)
     alerts = g.drain()
     assert [a.kind for a in alerts] == ["constant_action"] and "openvla#346" in alerts[0].message
     for i in range(30):
-        g.check_action(scene(i), action)
+        _step(g, scene(i), action)
     assert kinds(g) == []  # once
 
 
@@ -103,7 +108,7 @@ def test_same_action_for_same_frame_is_silent():
     g = Guards()
     action = np.zeros(7)
     for _ in range(3 * CONSTANT_ACTION_RUN):
-        g.check_action(scene(0), action)
+        _step(g, scene(0), action)
     assert kinds(g) == []
 
 
@@ -111,7 +116,7 @@ def test_changing_actions_reset_the_run():
     g = Guards()
     for i in range(3 * CONSTANT_ACTION_RUN):
         action = np.full(7, 0.1 * (i // (CONSTANT_ACTION_RUN - 1)))  # a new action every 9 frames
-        g.check_action(scene(i), action)
+        _step(g, scene(i), action)
     assert kinds(g) == []
 
 

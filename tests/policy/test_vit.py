@@ -98,7 +98,8 @@ def test_second_to_last_block_output():
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     out = vit(pixels)
     assert out.shape == (2, 256, 32)
-    assert torch.allclose(out, _timm_style_reference(vit, pixels), atol=1e-6)
+    # float32, one summation order apart: our patch embedding is a matmul, timm's the convolution
+    torch.testing.assert_close(out, _timm_style_reference(vit, pixels), rtol=1e-5, atol=1e-4)
 
     # the last block and the final norm do not matter; the second-to-last block does
     vit.blocks[-1].mlp.fc2.weight.add_(1.0)
