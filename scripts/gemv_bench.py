@@ -1,9 +1,14 @@
-"""Batch-1 linears of Llama-2-7B on this GPU: our Triton GEMV (rtloop.policy.kernels.gemv) against cuBLAS
-(F.linear in bf16) and TorchInductor's fused dequantise-and-reduce (the int8/fp8 path before the kernel), as
-microseconds per call and GB/s of weights read, L2 flushed between calls (triton.testing.do_bench). The
-`+norm` / `+residual` rows are the same GEMV with what the compiled engine fuses into it, to price that.
+"""The decode step's GEMVs as the compiled engine runs them: Llama-2-7B's 32 layers of [q; k; v] (RMSNorm
+fused in front), o (residual add behind), [gate; up] (norm, SwiGLU) and down (residual), each layer its own
+weights, back to back in one CUDA graph, timed over replays with CUDA events. So every byte comes from HBM
+(13 GB of bf16, 6.5 GB of 1-byte weights, far past the 50 MB L2) and launches overlap as they do in the
+engine. Reports ms per token and GB/s of weights for bf16, int8 and fp8, with the autotuned tiles and with
+fixed ones, with programmatic dependent launch on and off, and int8 widened by bit arithmetic or by I2F.
 
     python scripts/gemv_bench.py --out profiles/gemv-h100.json
+
+(Isolated calls, as `triton.testing.do_bench` times them, mostly measure launch and ramp-up: a 4096x4096
+bf16 GEMV alone read at 1.7 TB/s, the same kernel inside the decode graph at ~2.9.)
 """
 
 from __future__ import annotations
@@ -13,61 +18,97 @@ import json
 from pathlib import Path
 
 import torch
-import torch._inductor.config
-import torch.nn.functional as F
 import triton
 
 from rtloop.policy import kernels
 from rtloop.policy.quant import quantize_weight
 
-SHAPES = {  # name: (N, K, gated, fused) as the decode step runs them, [q; k; v] and [gate; up] fused;
-    # fused: what the compiled engine folds into that GEMV (the RMSNorm before it, or the residual add after)
-    "qkv": (12288, 4096, False, "norm"),
-    "o_proj": (4096, 4096, False, "residual"),
-    "gate_up (SwiGLU)": (22016, 4096, True, "norm"),
-    "down_proj": (4096, 11008, False, "residual"),
-    "lm_head": (32064, 4096, False, "norm"),
-}
+HIDDEN, FFN, LAYERS, HEADS_DIM = 4096, 11008, 32, 12288
+FIXED_TILES = [(1, 2048, 4), (2, 1024, 4), (2, 2048, 4), (2, 2048, 8), (4, 1024, 4), (4, 2048, 8), (2, 4096, 8),
+               (8, 1024, 8)]
 
 
-def gbps(nbytes: int, ms: float) -> float:
-    return round(nbytes / (ms * 1e-3) / 1e9, 1)
+def layers(fmt: str, seed: int = 0) -> list[dict]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    out = []
+    for _ in range(LAYERS):
+        layer = {}
+        for name, (n, k) in {"qkv": (HEADS_DIM, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * FFN, HIDDEN),
+                             "down": (HIDDEN, FFN)}.items():
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) / k**0.5
+            layer[name] = (w, None) if fmt == "bf16" else quantize_weight(w, fmt)
+        out.append(layer)
+    return out
+
+
+def decode_gemvs(stack: list[dict], x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """One token through the GEMVs of every layer (attention itself left out: q goes straight to o)."""
+    for layer in stack:
+        qkv = kernels.gemv(x, *layer["qkv"], False, norm, 1e-5)
+        x = kernels.gemv(qkv[..., :HIDDEN], *layer["o"], False, residual=x)
+        h = kernels.gemv(x, *layer["gate_up"], True, norm, 1e-5)
+        x = kernels.gemv(h, *layer["down"], False, residual=x)
+    return x
+
+
+def time_graph(fn, replays: int = 20) -> float:
+    """ms per call of fn, captured in a CUDA graph (after two eager calls: autotuning, compilation)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(), fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--formats", default="bf16,int8,fp8")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    torch.manual_seed(0)
-    torch._dynamo.config.cache_size_limit = 64  # one compiled dequantise-and-reduce per (shape, format)
-    torch._inductor.config.coordinate_descent_tuning = True  # what makes batch-1 matmuls Triton reductions
+    x = torch.randn(1, 1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    norm = (torch.rand(HIDDEN, device="cuda") + 0.5).bfloat16()
     rows = []
-    inductor_dequant = torch.compile(lambda x, w, s: F.linear(x, w.to(x.dtype)) * s, dynamic=False)
-    for name, (N, K, gated, fused) in SHAPES.items():
-        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
-        norm = torch.rand(K, device="cuda", dtype=torch.bfloat16) + 0.5
-        residual = torch.randn(1, N // 2 if gated else N, device="cuda", dtype=torch.bfloat16)
-        extra = {"norm": norm, "eps": 1e-6} if fused == "norm" else {"residual": residual}
-        variants = {
-            "cublas bf16": (lambda: F.linear(x, w), w.numel() * 2),
-            "triton bf16": (lambda: kernels.gemv(x, w, None, gated), w.numel() * 2),
-            f"triton bf16 +{fused}": (lambda: kernels.gemv(x, w, None, gated, **extra), w.numel() * 2),
-        }
-        for fmt in ("int8", "fp8"):
-            q, s = quantize_weight(w, fmt)
-            variants[f"triton {fmt}"] = (lambda q=q, s=s: kernels.gemv(x, q, s, gated), q.numel())
-            variants[f"inductor {fmt}"] = (lambda q=q, s=s: inductor_dequant(x, q, s), q.numel())
-            torch.testing.assert_close(  # the kernel computes what it should before it is timed
-                kernels.gemv(x, q, s, gated).float(), kernels.gemv_reference(x, q, s, gated).float(), atol=0.05, rtol=0.05
-            )
-        for variant, (fn, nbytes) in variants.items():
-            fn()
-            ms = triton.testing.do_bench(fn, warmup=25, rep=200)
-            rows.append({"shape": name, "N": N, "K": K, "variant": variant, "us": round(ms * 1e3, 1), "GB/s": gbps(nbytes, ms)})
-            print(f"{name:18s} {variant:14s} {ms * 1e3:8.1f} us {gbps(nbytes, ms):8.1f} GB/s", flush=True)
+
+    def measure(fmt, stack, nbytes, variant):
+        ms = time_graph(lambda: decode_gemvs(stack, x, norm))
+        rows.append({"format": fmt, "variant": variant, "ms_per_token": round(ms, 3),
+                     "GB/s": round(nbytes / (ms * 1e-3) / 1e9, 1)})
+        print(f"{fmt:5s} {variant:40s} {ms:7.3f} ms {rows[-1]['GB/s']:8.1f} GB/s", flush=True)
+
+    for fmt in args.formats.split(","):
+        stack = layers(fmt)
+        nbytes = sum(w.numel() * w.element_size() for layer in stack for w, _ in layer.values())
+        kernels.AUTOTUNE = True
+        measure(fmt, stack, nbytes, "autotuned, PDL")
+        if fmt == "int8":
+            kernels.INT8_BITS = False
+            measure(fmt, stack, nbytes, "autotuned, PDL, I2F")
+            kernels.INT8_BITS = True
+        kernels.PDL, kernels._PDL = False, {}
+        measure(fmt, stack, nbytes, "autotuned, no PDL")
+        kernels.PDL, kernels._PDL = True, {}
+        kernels.AUTOTUNE = False
+        for tile in FIXED_TILES:
+            kernels.FIXED_TILE = tile
+            measure(fmt, stack, nbytes, "fixed BLOCK_N=%d BLOCK_K=%d warps=%d, PDL" % tile)
+        del stack
+        torch.cuda.empty_cache()
     tuned = {str(k): str(v) for k, v in kernels._gemv_tuned.cache.items()}
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "what": "32 layers of decode GEMVs (qkv+norm, o+residual, gate_up+norm+SwiGLU, down+residual) in one "
+                      "CUDA graph, ms per token",
               "rows": rows, "autotuned_configs": tuned}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

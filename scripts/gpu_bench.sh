@@ -21,7 +21,7 @@ for step in $steps; do
   case $step in
   kernels)
     say "gemv microbenchmark"
-    timeout ${KERNELS_TIMEOUT:-150} python3 scripts/gemv_bench.py --out "$OUT/gemv-h100.json" 2>&1 | tee -a "$LOG" ;;
+    timeout ${KERNELS_TIMEOUT:-420} python3 scripts/gemv_bench.py --out "$OUT/gemv-h100.json" 2>&1 | tee -a "$LOG" ;;
   bench)
     say "rtloop bench 7b"
     timeout ${BENCH_TIMEOUT:-360} python3 -m rtloop bench --size 7b --device cuda \

@@ -38,6 +38,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("RTLOOP_AUTOTUNE", "1") != "0"
 # RTLOOP_PDL=0: launch the decode kernels one after another, as plain launches (to measure what PDL buys)
 PDL = os.environ.get("RTLOOP_PDL", "1") != "0"
+FIXED_TILE = (2, 1024, 4)  # (BLOCK_N, BLOCK_K, num_warps) of the GEMV when not autotuning
+INT8_BITS = True  # widen int8 weights with float bit arithmetic, not the conversion instruction (see _widen)
 
 
 def available(device: torch.device) -> bool:
@@ -54,8 +56,16 @@ if triton is not None:
         return tl.load(row_ptrs + kk[None, :], mask=(rows[:, None] < N) & (kk[None, :] < K), other=0.0)
 
     @triton.jit
+    def _widen(w, INT8_BITS: tl.constexpr):
+        if INT8_BITS:
+            # int8 -> float32 without I2F, a quarter-rate instruction that 1-byte weights at full bandwidth
+            # would need ~12 times a cycle per SM: the float with bits 0x4B000080 + w is 2^23 + 128 + w exactly
+            return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        return w.to(tl.float32)
+
+    @triton.jit
     def _gemv_step(acc, acc_up, sum_sq, w, w_up, x_ptr, norm_ptr, kk, K,
-                   GATED: tl.constexpr, HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr):
+                   GATED: tl.constexpr, HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr, INT8_BITS: tl.constexpr):
         """One BLOCK_K-wide tile: x (normed: times the norm weight, its squares summed) times the weights."""
         if EVEN_K:
             x = tl.load(x_ptr + kk).to(tl.float32)
@@ -67,17 +77,17 @@ if triton is not None:
                 x *= tl.load(norm_ptr + kk).to(tl.float32)
             else:
                 x *= tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * x[None, :]
+        acc += _widen(w, INT8_BITS) * x[None, :]
         if GATED:
-            acc_up += w_up.to(tl.float32) * x[None, :]
+            acc_up += _widen(w_up, INT8_BITS) * x[None, :]
         return acc, acc_up, sum_sq
 
     @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, scale_ptr, norm_ptr, residual_ptr, y_ptr, N, K, eps,
         HAS_SCALE: tl.constexpr, GATED: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-        USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
-        EVEN_K: tl.constexpr,
+        USE_PDL: tl.constexpr, INT8_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     ):
         # y[n] = sum_k w[n, k] * x[k] * scale[n]; GATED: rows N..2N-1 of w are the "up" half, and
         # y[n] = silu(gate[n]) * up[n]. HAS_NORM: x is first RMS-normalised and scaled by norm[k]; the
@@ -108,7 +118,7 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()  # after the wait: whatever follows may assume x's writer done
             acc, acc_up, sum_sq = _gemv_step(acc, acc_up, sum_sq, w, w_up, x_ptr, norm_ptr, cols, K,
-                                             GATED, HAS_NORM, EVEN_K)
+                                             GATED, HAS_NORM, EVEN_K, INT8_BITS)
             start = BLOCK_K
         if HAS_RESIDUAL:  # loaded before the loop, so its latency hides behind it
             residual = tl.load(residual_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -119,7 +129,7 @@ if triton is not None:
             if GATED:
                 w_up = _weight_tile(row_ptrs + N * K, rows, kk, N, K, EVEN)
             acc, acc_up, sum_sq = _gemv_step(acc, acc_up, sum_sq, w, w_up, x_ptr, norm_ptr, kk, K,
-                                             GATED, HAS_NORM, EVEN_K)
+                                             GATED, HAS_NORM, EVEN_K, INT8_BITS)
         y = tl.sum(acc, axis=1)
         if HAS_NORM:
             inv_rms = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / K + eps)
@@ -153,7 +163,9 @@ if triton is not None:
         for w in (4, 8)
         if 1024 <= n * k <= 8192
     ] + [triton.Config({"BLOCK_N": n, "BLOCK_K": 1024}, num_warps=4, num_stages=3) for n in (2, 4)]
-    _gemv_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "HAS_SCALE", "GATED", "HAS_NORM", "HAS_RESIDUAL"])(_even(_gemv_kernel))
+    _gemv_tuned = triton.autotune(
+        configs=_CONFIGS, key=["N", "K", "HAS_SCALE", "GATED", "HAS_NORM", "HAS_RESIDUAL", "INT8_BITS", "USE_PDL"],
+    )(_even(_gemv_kernel))
 
 
 def _pdl(device: torch.device) -> dict:
@@ -204,13 +216,15 @@ def gemv(
         unused if residual is None else residual.reshape(n_out), y, n_out, K, eps,
     )
     flags = {"HAS_SCALE": scale is not None, "GATED": gated, "HAS_NORM": norm is not None,
-             "HAS_RESIDUAL": residual is not None}
+             "HAS_RESIDUAL": residual is not None, "INT8_BITS": INT8_BITS and weight.dtype == torch.int8}
     if INTERPRET:  # no benchmarking without a GPU: one fixed tile, large because each program costs numpy calls
         _gemv_fixed[(triton.cdiv(n_out, 64),)](*args, **flags, USE_PDL=False, BLOCK_N=64, BLOCK_K=128)
         return y
     pdl = _pdl(x.device)
     if not AUTOTUNE:
-        _gemv_fixed[(triton.cdiv(n_out, 2),)](*args, **flags, **pdl, BLOCK_N=2, BLOCK_K=1024, num_warps=4)
+        block_n, block_k, warps = FIXED_TILE
+        _gemv_fixed[(triton.cdiv(n_out, block_n),)](*args, **flags, **pdl, BLOCK_N=block_n, BLOCK_K=block_k,
+                                                     num_warps=warps)
     else:
         _gemv_tuned[lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]),)](*args, **flags, **pdl)
     return y
