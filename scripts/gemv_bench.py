@@ -3,7 +3,8 @@ fused in front), o (residual add behind), [gate; up] (norm, SwiGLU) and down (re
 weights, back to back in one CUDA graph, timed over replays with CUDA events. So every byte comes from HBM
 (13 GB of bf16, 6.5 GB of 1-byte weights, far past the 50 MB L2) and launches overlap as they do in the
 engine. Reports ms per token and GB/s of weights for bf16, int8 and fp8, with the autotuned tiles and with
-fixed ones, with programmatic dependent launch on and off, and int8 widened by bit arithmetic or by I2F.
+fixed ones, with programmatic dependent launch on and off, and 1-byte weights widened by bit arithmetic or
+by conversion instructions.
 
     python scripts/gemv_bench.py --out profiles/gemv-h100.json
 
@@ -24,8 +25,8 @@ from rtloop.policy import kernels
 from rtloop.policy.quant import quantize_weight
 
 HIDDEN, FFN, LAYERS, HEADS_DIM = 4096, 11008, 32, 12288
-FIXED_TILES = [(1, 2048, 4), (2, 1024, 4), (2, 2048, 4), (2, 2048, 8), (4, 1024, 4), (4, 2048, 8), (2, 4096, 8),
-               (8, 1024, 8)]
+FIXED_TILES = [(2, 1024, 4, False), (4, 1024, 4, False), (8, 1024, 8, False), (8, 1024, 4, True),
+               (8, 2048, 8, True), (16, 512, 4, True), (16, 1024, 8, True), (4, 2048, 4, True)]
 
 
 def layers(fmt: str, seed: int = 0) -> list[dict]:
@@ -85,24 +86,24 @@ def main() -> None:
         ms = time_graph(lambda: decode_gemvs(stack, x, norm))
         rows.append({"format": fmt, "variant": variant, "ms_per_token": round(ms, 3),
                      "GB/s": round(nbytes / (ms * 1e-3) / 1e9, 1)})
-        print(f"{fmt:5s} {variant:40s} {ms:7.3f} ms {rows[-1]['GB/s']:8.1f} GB/s", flush=True)
+        print(f"{fmt:5s} {variant:56s} {ms:7.3f} ms {rows[-1]['GB/s']:8.1f} GB/s", flush=True)
 
     for fmt in args.formats.split(","):
         stack = layers(fmt)
         nbytes = sum(w.numel() * w.element_size() for layer in stack for w, _ in layer.values())
         kernels.AUTOTUNE = True
         measure(fmt, stack, nbytes, "autotuned, PDL")
-        if fmt == "int8":
-            kernels.INT8_BITS = False
-            measure(fmt, stack, nbytes, "autotuned, PDL, I2F")
-            kernels.INT8_BITS = True
+        if fmt != "bf16":
+            kernels.WIDEN_BY_BITS = False
+            measure(fmt, stack, nbytes, "autotuned, PDL, widened by conversion")
+            kernels.WIDEN_BY_BITS = True
         kernels.PDL, kernels._PDL = False, {}
         measure(fmt, stack, nbytes, "autotuned, no PDL")
         kernels.PDL, kernels._PDL = True, {}
         kernels.AUTOTUNE = False
-        for tile in FIXED_TILES:
+        for tile in FIXED_TILES if fmt != "bf16" else []:
             kernels.FIXED_TILE = tile
-            measure(fmt, stack, nbytes, "fixed BLOCK_N=%d BLOCK_K=%d warps=%d, PDL" % tile)
+            measure(fmt, stack, nbytes, "fixed BLOCK_N=%d BLOCK_K=%d warps=%d row_sums=%d, PDL" % tile)
         del stack
         torch.cuda.empty_cache()
     tuned = {str(k): str(v) for k, v in kernels._gemv_tuned.cache.items()}

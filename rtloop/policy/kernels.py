@@ -38,8 +38,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("RTLOOP_AUTOTUNE", "1") != "0"
 # RTLOOP_PDL=0: launch the decode kernels one after another, as plain launches (to measure what PDL buys)
 PDL = os.environ.get("RTLOOP_PDL", "1") != "0"
-FIXED_TILE = (2, 1024, 4)  # (BLOCK_N, BLOCK_K, num_warps) of the GEMV when not autotuning
-INT8_BITS = True  # widen int8 weights with float bit arithmetic, not the conversion instruction (see _widen)
+FIXED_TILE = (2, 1024, 4, False)  # (BLOCK_N, BLOCK_K, num_warps, ROW_SUMS) of the GEMV when not autotuning
+WIDEN_BY_BITS = True  # widen 1-byte weights with float bit arithmetic, not conversion instructions (_widen)
 
 
 def available(device: torch.device) -> bool:
@@ -56,16 +56,20 @@ if triton is not None:
         return tl.load(row_ptrs + kk[None, :], mask=(rows[:, None] < N) & (kk[None, :] < K), other=0.0)
 
     @triton.jit
-    def _widen(w, INT8_BITS: tl.constexpr):
-        if INT8_BITS:
-            # int8 -> float32 without I2F, a quarter-rate instruction that 1-byte weights at full bandwidth
-            # would need ~12 times a cycle per SM: the float with bits 0x4B000080 + w is 2^23 + 128 + w exactly
+    def _widen(w, WIDEN: tl.constexpr):
+        """1-byte weights to float32 by bit arithmetic (WIDEN 1: int8, 2: fp8 e4m3) rather than the conversion
+        instructions, quarter-rate units that weights streaming at full bandwidth keep busy."""
+        if WIDEN == 1:  # the float with bits 0x4B000080 + w is 2^23 + 128 + w exactly
             return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        if WIDEN == 2:  # e4m3's sign, exponent and mantissa bits placed in a float32's: the value times 2^-120
+            b = w.to(tl.uint8, bitcast=True).to(tl.int32)
+            bits = ((b & 0x80) << 24) | ((b & 0x7F) << 20)
+            return bits.to(tl.float32, bitcast=True) * 1.329227995784916e36  # 2^120
         return w.to(tl.float32)
 
     @triton.jit
-    def _gemv_step(acc, acc_up, sum_sq, w, w_up, x_ptr, norm_ptr, kk, K,
-                   GATED: tl.constexpr, HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr, INT8_BITS: tl.constexpr):
+    def _gemv_step(acc, acc_up, sum_sq, w, w_up, x_ptr, norm_ptr, kk, K, GATED: tl.constexpr,
+                   HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr, WIDEN: tl.constexpr, ROW_SUMS: tl.constexpr):
         """One BLOCK_K-wide tile: x (normed: times the norm weight, its squares summed) times the weights."""
         if EVEN_K:
             x = tl.load(x_ptr + kk).to(tl.float32)
@@ -77,17 +81,24 @@ if triton is not None:
                 x *= tl.load(norm_ptr + kk).to(tl.float32)
             else:
                 x *= tl.load(norm_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-        acc += _widen(w, INT8_BITS) * x[None, :]
-        if GATED:
-            acc_up += _widen(w_up, INT8_BITS) * x[None, :]
+        # ROW_SUMS: reduce each tile to its rows now (acc [BLOCK_N]), not at the end (acc [BLOCK_N, BLOCK_K]),
+        # so a wide tile of 1-byte weights does not also hold four bytes of accumulator per weight
+        if ROW_SUMS:
+            acc += tl.sum(_widen(w, WIDEN) * x[None, :], axis=1)
+            if GATED:
+                acc_up += tl.sum(_widen(w_up, WIDEN) * x[None, :], axis=1)
+        else:
+            acc += _widen(w, WIDEN) * x[None, :]
+            if GATED:
+                acc_up += _widen(w_up, WIDEN) * x[None, :]
         return acc, acc_up, sum_sq
 
     @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, scale_ptr, norm_ptr, residual_ptr, y_ptr, N, K, eps,
         HAS_SCALE: tl.constexpr, GATED: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-        USE_PDL: tl.constexpr, INT8_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+        USE_PDL: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        ROW_SUMS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     ):
         # y[n] = sum_k w[n, k] * x[k] * scale[n]; GATED: rows N..2N-1 of w are the "up" half, and
         # y[n] = silu(gate[n]) * up[n]. HAS_NORM: x is first RMS-normalised and scaled by norm[k]; the
@@ -102,7 +113,10 @@ if triton is not None:
         row_ptrs = w_ptr + rows[:, None] * K
         row_mask = rows < N
         EVEN: tl.constexpr = EVEN_N and EVEN_K
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        if ROW_SUMS:
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_up = acc
         sum_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
         if HAS_SCALE:
@@ -118,7 +132,7 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()  # after the wait: whatever follows may assume x's writer done
             acc, acc_up, sum_sq = _gemv_step(acc, acc_up, sum_sq, w, w_up, x_ptr, norm_ptr, cols, K,
-                                             GATED, HAS_NORM, EVEN_K, INT8_BITS)
+                                             GATED, HAS_NORM, EVEN_K, WIDEN, ROW_SUMS)
             start = BLOCK_K
         if HAS_RESIDUAL:  # loaded before the loop, so its latency hides behind it
             residual = tl.load(residual_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -129,15 +143,15 @@ if triton is not None:
             if GATED:
                 w_up = _weight_tile(row_ptrs + N * K, rows, kk, N, K, EVEN)
             acc, acc_up, sum_sq = _gemv_step(acc, acc_up, sum_sq, w, w_up, x_ptr, norm_ptr, kk, K,
-                                             GATED, HAS_NORM, EVEN_K, INT8_BITS)
-        y = tl.sum(acc, axis=1)
+                                             GATED, HAS_NORM, EVEN_K, WIDEN, ROW_SUMS)
+        y = acc if ROW_SUMS else tl.sum(acc, axis=1)
         if HAS_NORM:
             inv_rms = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / K + eps)
             y *= inv_rms
         if HAS_SCALE:
             y *= scale
         if GATED:
-            up = tl.sum(acc_up, axis=1)
+            up = acc_up if ROW_SUMS else tl.sum(acc_up, axis=1)
             if HAS_NORM:
                 up *= inv_rms
             if HAS_SCALE:
@@ -157,14 +171,22 @@ if triton is not None:
     # (N / BLOCK_N) to fill every SM. On an H100 the first tuning (2-16 rows, 128-1024 columns) always chose
     # the widest tile, so the set now reaches 4096 columns. Benchmarked with the L2 flushed.
     _CONFIGS = [
-        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=1)
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "ROW_SUMS": False}, num_warps=w, num_stages=1)
         for n in (1, 2, 4, 8)
         for k in (512, 1024, 2048, 4096)
         for w in (4, 8)
         if 1024 <= n * k <= 8192
-    ] + [triton.Config({"BLOCK_N": n, "BLOCK_K": 1024}, num_warps=4, num_stages=3) for n in (2, 4)]
+    ] + [triton.Config({"BLOCK_N": n, "BLOCK_K": 1024, "ROW_SUMS": False}, num_warps=4, num_stages=3) for n in (2, 4)]
+    # tiles reduced as they go: more rows and columns per program for the same registers
+    _CONFIGS += [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "ROW_SUMS": True}, num_warps=w, num_stages=1)
+        for n in (4, 8, 16)
+        for k in (512, 1024, 2048)
+        for w in (4, 8)
+        if 4096 <= n * k <= 16384
+    ]
     _gemv_tuned = triton.autotune(
-        configs=_CONFIGS, key=["N", "K", "HAS_SCALE", "GATED", "HAS_NORM", "HAS_RESIDUAL", "INT8_BITS", "USE_PDL"],
+        configs=_CONFIGS, key=["N", "K", "HAS_SCALE", "GATED", "HAS_NORM", "HAS_RESIDUAL", "WIDEN", "USE_PDL"],
     )(_even(_gemv_kernel))
 
 
@@ -178,6 +200,7 @@ def _pdl(device: torch.device) -> dict:
 
 
 _PDL: dict[torch.device, dict] = {}
+_WIDEN = {torch.int8: 1, torch.float8_e4m3fn: 2}  # _widen's modes
 
 
 def gemv_reference(
@@ -216,15 +239,16 @@ def gemv(
         unused if residual is None else residual.reshape(n_out), y, n_out, K, eps,
     )
     flags = {"HAS_SCALE": scale is not None, "GATED": gated, "HAS_NORM": norm is not None,
-             "HAS_RESIDUAL": residual is not None, "INT8_BITS": INT8_BITS and weight.dtype == torch.int8}
+             "HAS_RESIDUAL": residual is not None, "WIDEN": _WIDEN.get(weight.dtype, 0) if WIDEN_BY_BITS else 0}
     if INTERPRET:  # no benchmarking without a GPU: one fixed tile, large because each program costs numpy calls
-        _gemv_fixed[(triton.cdiv(n_out, 64),)](*args, **flags, USE_PDL=False, BLOCK_N=64, BLOCK_K=128)
+        _gemv_fixed[(triton.cdiv(n_out, 64),)](*args, **flags, USE_PDL=False, BLOCK_N=64, BLOCK_K=128,
+                                                ROW_SUMS=FIXED_TILE[3])
         return y
     pdl = _pdl(x.device)
     if not AUTOTUNE:
-        block_n, block_k, warps = FIXED_TILE
+        block_n, block_k, warps, row_sums = FIXED_TILE
         _gemv_fixed[(triton.cdiv(n_out, block_n),)](*args, **flags, **pdl, BLOCK_N=block_n, BLOCK_K=block_k,
-                                                     num_warps=warps)
+                                                     ROW_SUMS=row_sums, num_warps=warps)
     else:
         _gemv_tuned[lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]),)](*args, **flags, **pdl)
     return y

@@ -22,10 +22,18 @@ def _close(y, ref, rel):
     assert err <= rel * ref.float().abs().max(), f"max error {err:.4g} vs max {ref.abs().max():.4g}"
 
 
+@pytest.mark.parametrize("variant", ["tile sums", "row sums", "widen by conversion"])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("shape", [(64, 256), (40, 200)])  # even tiles, and rows/columns that need masks
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "fp8"])
-def test_gemv_matches_torch(fmt, shape, gated):
+def test_gemv_matches_torch(fmt, shape, gated, variant, monkeypatch):
+    """Every way the GEMV can be built: accumulating whole tiles or row sums (ROW_SUMS, chosen by tile),
+    1-byte weights widened by bit arithmetic or by conversion instructions."""
+    if variant == "widen by conversion" and fmt not in ("int8", "fp8"):
+        pytest.skip("only 1-byte weights are widened")
+    monkeypatch.setattr(kernels, "AUTOTUNE", False)
+    monkeypatch.setattr(kernels, "FIXED_TILE", (2, 128, 4, variant == "row sums"))
+    monkeypatch.setattr(kernels, "WIDEN_BY_BITS", variant != "widen by conversion")
     N, K = shape
     g = torch.Generator().manual_seed(N + K)
     x = torch.randn(1, 1, K, generator=g)
