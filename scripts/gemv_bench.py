@@ -3,8 +3,7 @@ fused in front), o (residual add behind), [gate; up] (norm, SwiGLU) and down (re
 weights, back to back in one CUDA graph, timed over replays with CUDA events. So every byte comes from HBM
 (13 GB of bf16, 6.5 GB of 1-byte weights, far past the 50 MB L2) and launches overlap as they do in the
 engine. Reports ms per token and GB/s of weights for bf16, int8 and fp8, with the autotuned tiles and with
-fixed ones, with programmatic dependent launch on and off, and 1-byte weights widened by bit arithmetic or
-by conversion instructions.
+fixed ones, with programmatic dependent launch on and off, and int8 widened by bit arithmetic or by I2F.
 
     python scripts/gemv_bench.py --out profiles/gemv-h100.json
 
@@ -93,10 +92,10 @@ def main() -> None:
         nbytes = sum(w.numel() * w.element_size() for layer in stack for w, _ in layer.values())
         kernels.AUTOTUNE = True
         measure(fmt, stack, nbytes, "autotuned, PDL")
-        if fmt != "bf16":
-            kernels.WIDEN_BY_BITS = False
-            measure(fmt, stack, nbytes, "autotuned, PDL, widened by conversion")
-            kernels.WIDEN_BY_BITS = True
+        if fmt == "int8":
+            kernels.INT8_BITS = False
+            measure(fmt, stack, nbytes, "autotuned, PDL, widened by I2F")
+            kernels.INT8_BITS = True
         kernels.PDL, kernels._PDL = False, {}
         measure(fmt, stack, nbytes, "autotuned, no PDL")
         kernels.PDL, kernels._PDL = True, {}

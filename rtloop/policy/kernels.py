@@ -39,7 +39,7 @@ AUTOTUNE = os.environ.get("RTLOOP_AUTOTUNE", "1") != "0"
 # RTLOOP_PDL=0: launch the decode kernels one after another, as plain launches (to measure what PDL buys)
 PDL = os.environ.get("RTLOOP_PDL", "1") != "0"
 FIXED_TILE = (2, 1024, 4, False)  # (BLOCK_N, BLOCK_K, num_warps, ROW_SUMS) of the GEMV when not autotuning
-WIDEN_BY_BITS = True  # widen 1-byte weights with float bit arithmetic, not conversion instructions (_widen)
+INT8_BITS = True  # widen int8 weights with float bit arithmetic, not the conversion instruction (_widen)
 
 
 def available(device: torch.device) -> bool:
@@ -56,20 +56,18 @@ if triton is not None:
         return tl.load(row_ptrs + kk[None, :], mask=(rows[:, None] < N) & (kk[None, :] < K), other=0.0)
 
     @triton.jit
-    def _widen(w, WIDEN: tl.constexpr):
-        """1-byte weights to float32 by bit arithmetic (WIDEN 1: int8, 2: fp8 e4m3) rather than the conversion
-        instructions, quarter-rate units that weights streaming at full bandwidth keep busy."""
-        if WIDEN == 1:  # the float with bits 0x4B000080 + w is 2^23 + 128 + w exactly
+    def _widen(w, INT8_BITS: tl.constexpr):
+        """Weights to float32. INT8_BITS: int8 by float bit arithmetic, not I2F, a quarter-rate instruction that
+        int8 weights streaming at full bandwidth keep busy (in the decode graph on an H100: 2.63 TB/s against
+        2.35). The same trick for fp8 e4m3 (its bits moved into a float32's, times 2^120) was slower than
+        Hopper's packed e4m3x2 conversion (2.17 TB/s against 2.53), so fp8 converts."""
+        if INT8_BITS:  # the float with bits 0x4B000080 + w is 2^23 + 128 + w exactly
             return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-        if WIDEN == 2:  # e4m3's sign, exponent and mantissa bits placed in a float32's: the value times 2^-120
-            b = w.to(tl.uint8, bitcast=True).to(tl.int32)
-            bits = ((b & 0x80) << 24) | ((b & 0x7F) << 20)
-            return bits.to(tl.float32, bitcast=True) * 1.329227995784916e36  # 2^120
         return w.to(tl.float32)
 
     @triton.jit
     def _gemv_step(acc, acc_up, sum_sq, w, w_up, x_ptr, norm_ptr, kk, K, GATED: tl.constexpr,
-                   HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr, WIDEN: tl.constexpr, ROW_SUMS: tl.constexpr):
+                   HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr, INT8_BITS: tl.constexpr, ROW_SUMS: tl.constexpr):
         """One BLOCK_K-wide tile: x (normed: times the norm weight, its squares summed) times the weights."""
         if EVEN_K:
             x = tl.load(x_ptr + kk).to(tl.float32)
@@ -84,20 +82,20 @@ if triton is not None:
         # ROW_SUMS: reduce each tile to its rows now (acc [BLOCK_N]), not at the end (acc [BLOCK_N, BLOCK_K]),
         # so a wide tile of 1-byte weights does not also hold four bytes of accumulator per weight
         if ROW_SUMS:
-            acc += tl.sum(_widen(w, WIDEN) * x[None, :], axis=1)
+            acc += tl.sum(_widen(w, INT8_BITS) * x[None, :], axis=1)
             if GATED:
-                acc_up += tl.sum(_widen(w_up, WIDEN) * x[None, :], axis=1)
+                acc_up += tl.sum(_widen(w_up, INT8_BITS) * x[None, :], axis=1)
         else:
-            acc += _widen(w, WIDEN) * x[None, :]
+            acc += _widen(w, INT8_BITS) * x[None, :]
             if GATED:
-                acc_up += _widen(w_up, WIDEN) * x[None, :]
+                acc_up += _widen(w_up, INT8_BITS) * x[None, :]
         return acc, acc_up, sum_sq
 
     @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, scale_ptr, norm_ptr, residual_ptr, y_ptr, N, K, eps,
         HAS_SCALE: tl.constexpr, GATED: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-        USE_PDL: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        USE_PDL: tl.constexpr, INT8_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         ROW_SUMS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     ):
         # y[n] = sum_k w[n, k] * x[k] * scale[n]; GATED: rows N..2N-1 of w are the "up" half, and
@@ -132,7 +130,7 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()  # after the wait: whatever follows may assume x's writer done
             acc, acc_up, sum_sq = _gemv_step(acc, acc_up, sum_sq, w, w_up, x_ptr, norm_ptr, cols, K,
-                                             GATED, HAS_NORM, EVEN_K, WIDEN, ROW_SUMS)
+                                             GATED, HAS_NORM, EVEN_K, INT8_BITS, ROW_SUMS)
             start = BLOCK_K
         if HAS_RESIDUAL:  # loaded before the loop, so its latency hides behind it
             residual = tl.load(residual_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -143,7 +141,7 @@ if triton is not None:
             if GATED:
                 w_up = _weight_tile(row_ptrs + N * K, rows, kk, N, K, EVEN)
             acc, acc_up, sum_sq = _gemv_step(acc, acc_up, sum_sq, w, w_up, x_ptr, norm_ptr, kk, K,
-                                             GATED, HAS_NORM, EVEN_K, WIDEN, ROW_SUMS)
+                                             GATED, HAS_NORM, EVEN_K, INT8_BITS, ROW_SUMS)
         y = acc if ROW_SUMS else tl.sum(acc, axis=1)
         if HAS_NORM:
             inv_rms = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / K + eps)
@@ -186,7 +184,7 @@ if triton is not None:
         if 4096 <= n * k <= 16384
     ]
     _gemv_tuned = triton.autotune(
-        configs=_CONFIGS, key=["N", "K", "HAS_SCALE", "GATED", "HAS_NORM", "HAS_RESIDUAL", "WIDEN", "USE_PDL"],
+        configs=_CONFIGS, key=["N", "K", "HAS_SCALE", "GATED", "HAS_NORM", "HAS_RESIDUAL", "INT8_BITS", "USE_PDL"],
     )(_even(_gemv_kernel))
 
 
@@ -200,7 +198,6 @@ def _pdl(device: torch.device) -> dict:
 
 
 _PDL: dict[torch.device, dict] = {}
-_WIDEN = {torch.int8: 1, torch.float8_e4m3fn: 2}  # _widen's modes
 
 
 def gemv_reference(
@@ -239,7 +236,7 @@ def gemv(
         unused if residual is None else residual.reshape(n_out), y, n_out, K, eps,
     )
     flags = {"HAS_SCALE": scale is not None, "GATED": gated, "HAS_NORM": norm is not None,
-             "HAS_RESIDUAL": residual is not None, "WIDEN": _WIDEN.get(weight.dtype, 0) if WIDEN_BY_BITS else 0}
+             "HAS_RESIDUAL": residual is not None, "INT8_BITS": INT8_BITS and weight.dtype == torch.int8}
     if INTERPRET:  # no benchmarking without a GPU: one fixed tile, large because each program costs numpy calls
         _gemv_fixed[(triton.cdiv(n_out, 64),)](*args, **flags, USE_PDL=False, BLOCK_N=64, BLOCK_K=128,
                                                 ROW_SUMS=FIXED_TILE[3])

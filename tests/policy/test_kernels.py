@@ -28,12 +28,12 @@ def _close(y, ref, rel):
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "fp8"])
 def test_gemv_matches_torch(fmt, shape, gated, variant, monkeypatch):
     """Every way the GEMV can be built: accumulating whole tiles or row sums (ROW_SUMS, chosen by tile),
-    1-byte weights widened by bit arithmetic or by conversion instructions."""
-    if variant == "widen by conversion" and fmt not in ("int8", "fp8"):
-        pytest.skip("only 1-byte weights are widened")
+    int8 weights widened by bit arithmetic or by the conversion instruction."""
+    if variant == "widen by conversion" and fmt != "int8":
+        pytest.skip("only int8 has two ways")
     monkeypatch.setattr(kernels, "AUTOTUNE", False)
     monkeypatch.setattr(kernels, "FIXED_TILE", (2, 128, 4, variant == "row sums"))
-    monkeypatch.setattr(kernels, "WIDEN_BY_BITS", variant != "widen by conversion")
+    monkeypatch.setattr(kernels, "INT8_BITS", variant != "widen by conversion")
     N, K = shape
     g = torch.Generator().manual_seed(N + K)
     x = torch.randn(1, 1, K, generator=g)
