@@ -19,9 +19,10 @@ the caller synchronises (that is what the `generate` stage timing charges).
   first (fused LayerNorm/GELU/RMSNorm/RoPE), and the decode step on our own Triton kernels
   (`rtloop.policy.kernels`): every batch-1 linear is one GEMV ([q; k; v] and [gate; up] fused, the RMSNorm
   before it and the residual add after it in the same pass, SwiGLU too, 1-byte weights widened in registers),
-  and RoPE plus the KV-cache write is one more kernel; quantised prefills on 8-bit tensor cores. Inductor's own CUDA
-  graphs stay off: we capture its kernels in our one graph, as above. Compiling and autotuning take a minute
-  or two (7B, H100).
+  and RoPE, the KV-cache write and the attention are one more kernel; on Hopper each is a programmatic
+  dependent launch, overlapping the tail of the one before. Quantised prefills run on 8-bit tensor cores.
+  Inductor's own CUDA graphs stay off: we capture its kernels in our one graph, as above. Compiling and
+  autotuning take two to three minutes (7B, H100).
 
 Engine names may carry a weight format, e.g. `compiled+int8`: the same engine, on a model whose Llama
 linears `build_engine` first quantises in place with `rtloop.policy.quant` (see `split_engine_name`).
