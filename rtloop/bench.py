@@ -181,6 +181,16 @@ def measure_bandwidth(device: str) -> tuple[float, str]:
     return 2 * n * repeats / seconds / 1e9, method
 
 
+def kernel_settings(device) -> dict:
+    """How the compiled engine's kernels were launched in this run (RTLOOP_PDL, RTLOOP_AUTOTUNE), so runs
+    made with different settings are not compared as if alike."""
+    from rtloop.policy import kernels
+
+    pdl = device.type == "cuda" and kernels.available(device) and kernels._pdl(device)["USE_PDL"]
+    return {"triton": kernels.triton.__version__ if kernels.triton else None, "autotune": kernels.AUTOTUNE,
+            "pdl": bool(pdl)}
+
+
 def device_name(device: str) -> str:
     import torch
 
@@ -313,6 +323,7 @@ def main(args: argparse.Namespace) -> int:
         "warmup": args.warmup,
         "frames": f"{args.frames.name}: {len(frames)} recorded LIBERO frames, {len({f.instruction for f in frames})} tasks",
         "torch": torch.__version__,
+        "kernels": kernel_settings(torch.device(device)),
         "peak_mem": "CUDA allocator peak during the timed calls" if cuda else "null on CPU: see peak_rss_gb",
         "engines": {},
     }
@@ -377,12 +388,19 @@ def _rebuild(policy, factory: PolicyFactory):
     return factory.build()
 
 
+def _kernels_text(k: dict | None) -> str:
+    if not k:  # reports written before the field existed
+        return "kernel settings not recorded"
+    return (f"Triton {k['triton']}, GEMV {'autotuned' if k['autotune'] else 'fixed tile (RTLOOP_AUTOTUNE=0)'}, "
+            f"PDL {'on' if k['pdl'] else 'off'}")
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# rtloop bench: {report['device']}",
         "",
         f"Model: {report['checkpoint']} ({report['dtype']}); {report['iterations']} timed calls per engine after "
-        f"warm-up; frames: {report['frames']}; torch {report['torch']}.",
+        f"warm-up; frames: {report['frames']}; torch {report['torch']}; {_kernels_text(report.get('kernels'))}.",
         f"Bandwidth {report['bandwidth_gbps']} GB/s ({report['bandwidth_method']}); "
         f"floor for 7 passes over the Llama weights: **{report['floor_ms']} ms**.",
         "",

@@ -30,11 +30,12 @@ def test_bench_writes_the_comparable_report(tmp_path):
         assert result["hz"] == pytest.approx(1000 / result["predict_action"]["p50_ms"], rel=0.01)
         assert result["peak_mem_gb"] is None  # CPU: no allocator peak; the process RSS is reported instead
     assert report["peak_rss_gb"] > 0
+    assert report["kernels"]["pdl"] is False  # a CPU run launches no kernels, programmatically or otherwise
     # the official-path engine and ours pick the same greedy tokens on real frames
     assert report["engines"]["reference"]["agreement"]["baseline"] == "eager"
     assert report["engines"]["reference"]["agreement"]["token_agreement"] == 1.0
     table = out.with_suffix(".md").read_text()
-    assert "| reference |" in table and "| eager |" in table and "floor" in table
+    assert "| reference |" in table and "| eager |" in table and "floor" in table and "PDL off" in table
     assert "| eager |" in r.stdout  # the same table on screen
 
 
