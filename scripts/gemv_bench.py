@@ -75,6 +75,7 @@ def time_graph(fn, replays: int = 20) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--formats", default="bf16,int8,fp8")
+    p.add_argument("--autotuned-only", action="store_true", help="skip the fixed tiles and the switches")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     x = torch.randn(1, 1, HIDDEN, device="cuda", dtype=torch.bfloat16)
@@ -92,17 +93,18 @@ def main() -> None:
         nbytes = sum(w.numel() * w.element_size() for layer in stack for w, _ in layer.values())
         kernels.AUTOTUNE = True
         measure(fmt, stack, nbytes, "autotuned, PDL")
-        if fmt == "int8":
-            kernels.INT8_BITS = False
-            measure(fmt, stack, nbytes, "autotuned, PDL, widened by I2F")
-            kernels.INT8_BITS = True
-        kernels.PDL, kernels._PDL = False, {}
-        measure(fmt, stack, nbytes, "autotuned, no PDL")
-        kernels.PDL, kernels._PDL = True, {}
-        kernels.AUTOTUNE = False
-        for tile in FIXED_TILES if fmt != "bf16" else []:
-            kernels.FIXED_TILE = tile
-            measure(fmt, stack, nbytes, "fixed BLOCK_N=%d BLOCK_K=%d warps=%d row_sums=%d, PDL" % tile)
+        if not args.autotuned_only:
+            if fmt == "int8":
+                kernels.INT8_BITS = False
+                measure(fmt, stack, nbytes, "autotuned, PDL, widened by I2F")
+                kernels.INT8_BITS = True
+            kernels.PDL, kernels._PDL = False, {}
+            measure(fmt, stack, nbytes, "autotuned, no PDL")
+            kernels.PDL, kernels._PDL = True, {}
+            kernels.AUTOTUNE = False
+            for tile in FIXED_TILES if fmt != "bf16" else []:
+                kernels.FIXED_TILE = tile
+                measure(fmt, stack, nbytes, "fixed BLOCK_N=%d BLOCK_K=%d warps=%d row_sums=%d, PDL" % tile)
         del stack
         torch.cuda.empty_cache()
     tuned = {str(k): str(v) for k, v in kernels._gemv_tuned.cache.items()}

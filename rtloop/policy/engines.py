@@ -30,6 +30,7 @@ linears `build_engine` first quantises in place with `rtloop.policy.quant` (see 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Protocol
 
 import numpy as np
@@ -196,11 +197,9 @@ class GraphedEngine:
 
             if not kernels.available(device):
                 raise InputError(f"engine {self.name!r} needs Triton (pip install triton) for its decode kernels")
-            self.dino, self.siglip, self.project = (
-                torch.compile(f, fullgraph=True, dynamic=False) for f in (self.dino, self.siglip, self.project)
-            )
-            self.prefill = torch.compile(self._prefill, fullgraph=True, dynamic=False)
-            self.decode = torch.compile(self._decode, fullgraph=True, dynamic=False)
+            compile_stage = partial(torch.compile, fullgraph=True, dynamic=False)
+            self.dino, self.siglip, self.project = (compile_stage(f) for f in (self.dino, self.siglip, self.project))
+            self.prefill, self.decode = compile_stage(self._prefill), compile_stage(self._decode)
 
     def _encode(self) -> torch.Tensor:
         """The static pixels -> patch embeddings [1, 256, llm_dim], the two ViTs side by side: DINOv2 on a
@@ -223,8 +222,7 @@ class GraphedEngine:
         lm = self.model.language_model
         token_embeds = lm.model.embed_tokens(input_ids)
         x = torch.cat([token_embeds[:, :1], patches.to(token_embeds.dtype), token_embeds[:, 1:]], dim=1)
-        hidden = lm.hidden_states(x)
-        logits = lm.logits(hidden.index_select(1, last_index))[:, 0]
+        logits = lm.logits(lm.hidden_states(x, rows=last_index))[:, 0]
         return logits.float(), logits.argmax(dim=-1, keepdim=True)
 
     def _decode(self, token: torch.Tensor, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

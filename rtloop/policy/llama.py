@@ -79,15 +79,19 @@ class SelfAttention(nn.Module):
         self.out: FusedLinear | None = None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, norm, cos, sin, mask, input_pos):
-        """The residual stream x [B, T, D] -> x + attention(norm(x))."""
+    def forward(self, x, norm, cos, sin, mask, input_pos, rows=None):
+        """The residual stream x [B, T, D] -> x + attention(norm(x)); with `rows` [R], only those positions
+        of it, [B, R, D] (every position's key and value still go into the cache)."""
         B, T, _ = x.shape
         qkv, cache = self.qkv(x, norm=norm), self.kv_cache
         if self.qkv.use_kernels and B * T == 1:  # a decode step on rtloop.policy.kernels: cos/sin are the tables
             y = kernels.decode_attention(qkv, cos, sin, input_pos, cache.k_cache, cache.v_cache, self.n_heads)
         else:
             y = self._attention(qkv, cos, sin, mask, input_pos)
-        return self.out(y.transpose(1, 2).reshape(B, T, -1), residual=x)
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        if rows is not None:
+            y, x = y.index_select(1, rows), x.index_select(1, rows)
+        return self.out(y, residual=x)
 
     def _attention(self, qkv, cos, sin, mask, input_pos) -> torch.Tensor:
         """[q; k; v] [B, T, *] -> attention output [B, H, T, D], writing k and v into the cache."""
@@ -130,9 +134,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = FeedForward(args)
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, rows=None):
         # pre-norm blocks; each norm is handed to the linear it feeds, which may fuse it (FusedLinear)
-        x = self.self_attn(x, self.input_layernorm, cos, sin, mask, input_pos)
+        x = self.self_attn(x, self.input_layernorm, cos, sin, mask, input_pos, rows)
         return self.mlp(x, self.post_attention_layernorm)
 
 
@@ -186,7 +190,7 @@ class Llama(nn.Module):
         """Allocate the KV caches, the causal mask and the RoPE tables (defaults: the weights' device/dtype),
         and fuse the linears (see `fuse_linears`)."""
         self.fuse_linears()
-        weight = self.lm_head.weight
+        weight = self.model.norm.weight  # never quantised, unlike lm_head
         device = weight.device if device is None else device
         dtype = weight.dtype if dtype is None else dtype
         a = self.args
@@ -199,9 +203,13 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
-    def hidden_states(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor | None = None, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """inputs_embeds [B, T, D] at positions input_pos [T] -> the last layer's output [B, T, D], before the
-        final norm (`logits` applies it). input_pos None: a prefill, positions 0 .. T-1."""
+        final norm (`logits` applies it). input_pos None: a prefill, positions 0 .. T-1. `rows` [R]: return
+        only those positions, [B, R, D]: the last layer then runs its attention's output projection and its
+        MLP on R rows instead of T (a prefill needs one row's logits: a quarter of a layer's matmuls saved)."""
         x = inputs_embeds
         prefill = input_pos is None
         if prefill:
@@ -212,8 +220,9 @@ class Llama(nn.Module):
             cos = self.rope_cos[input_pos].to(x.dtype)  # [T, head_dim], broadcast over batch and heads
             sin = self.rope_sin[input_pos].to(x.dtype)
         mask = None if prefill else self.causal_mask[None, None, input_pos]  # [1, 1, T, max_seq_len]
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+        last = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, input_pos, rows if i == last else None)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

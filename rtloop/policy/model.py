@@ -72,7 +72,8 @@ class OpenVLA(nn.Module):
         """
         token_embeds = self.language_model.model.embed_tokens(input_ids)
         x = torch.cat([token_embeds[:, :1], patch_embeds.to(token_embeds.dtype), token_embeds[:, 1:]], dim=1)
-        hidden = self.language_model.hidden_states(x)
+        last = torch.full((1,), x.shape[1] - 1, device=x.device)
+        hidden = self.language_model.hidden_states(x, rows=last)
         return self.language_model.logits(hidden[:, -1])
 
     def decode_step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:

@@ -96,7 +96,7 @@ def test_quantized_model_keeps_its_tokens(tiny_checkpoint, frames):
     assert weight_format(policy.model) == "int8"
     layer = policy.model.language_model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, WeightOnlyLinear) and isinstance(layer.mlp.down_proj, WeightOnlyLinear)
-    assert not isinstance(policy.model.language_model.lm_head, WeightOnlyLinear)
+    assert isinstance(policy.model.language_model.lm_head, WeightOnlyLinear)
     assert llama_bytes_per_token(policy.model) < bytes_fp32 - 0.7 * linear_bytes  # 4-byte weights -> 1-byte
     assert (tokens == base_tokens).float().mean() >= 0.9
     with pytest.raises(InputError, match="already quantised to int8"):

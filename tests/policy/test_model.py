@@ -57,6 +57,21 @@ def test_prefill_logits_depend_on_the_image_through_the_splice(model):
 
 
 @torch.no_grad()
+def test_prefill_of_some_rows_is_those_rows_of_the_full_prefill(model):
+    """`rows` cuts the last layer's work to the positions asked for; nothing else may change, the cache
+    included (the decode steps read every position's key and value)."""
+    lm = model.language_model
+    lm.setup_caches(1, 64)
+    x = torch.randn(1, 20, lm.args.hidden_size, generator=torch.Generator().manual_seed(3))
+    full = lm.hidden_states(x)
+    cache = lm.model.layers[-1].self_attn.kv_cache
+    keys = cache.k_cache.clone()
+    rows = torch.tensor([7, 19])
+    torch.testing.assert_close(lm.hidden_states(x, rows=rows), full[:, rows])
+    assert torch.equal(cache.k_cache, keys)
+
+
+@torch.no_grad()
 def test_batch_of_two_equals_two_single_runs(model):
     pixels = _pixels(4, batch=2)
     prompts = PROMPT.repeat(2, 1)
