@@ -182,13 +182,14 @@ def measure_bandwidth(device: str) -> tuple[float, str]:
 
 
 def kernel_settings(device) -> dict:
-    """How the compiled engine's kernels were launched in this run (RTLOOP_PDL, RTLOOP_AUTOTUNE), so runs
-    made with different settings are not compared as if alike."""
+    """How the compiled engine's kernels were launched in this run (RTLOOP_PDL, RTLOOP_AUTOTUNE,
+    RTLOOP_PREFILL_SPLIT, and which prefill GEMMs the split won), so runs made with different settings are
+    not compared as if alike. Call it after the engines ran: the split choices are made on first use."""
     from rtloop.policy import kernels
 
     pdl = device.type == "cuda" and kernels.available(device) and kernels._pdl(device)["USE_PDL"]
     return {"triton": kernels.triton.__version__ if kernels.triton else None, "autotune": kernels.AUTOTUNE,
-            "pdl": bool(pdl)}
+            "pdl": bool(pdl), "prefill_split": kernels.PREFILL_SPLIT, "prefill_splits": kernels.split_choices()}
 
 
 def device_name(device: str) -> str:
@@ -342,6 +343,7 @@ def main(args: argparse.Namespace) -> int:
         result["generate_over_floor"] = round(result["stages"]["generate"]["p50_ms"] / result.get("floor_ms", floor_ms), 2)
         outputs[name] = engine_tokens(policy, check_frames)
         report["engines"][name] = result
+        report["kernels"] = kernel_settings(torch.device(device))  # now with this engine's split choices
         policy.engine = None  # drop graphs, HF modules, compiled code before the next engine
         torch.compiler.reset()  # compiled code may hold the weights it was compiled for
         gc.collect()
@@ -392,7 +394,17 @@ def _kernels_text(k: dict | None) -> str:
     if not k:  # reports written before the field existed
         return "kernel settings not recorded"
     return (f"Triton {k['triton']}, GEMV {'autotuned' if k['autotune'] else 'fixed tile (RTLOOP_AUTOTUNE=0)'}, "
-            f"PDL {'on' if k['pdl'] else 'off'}")
+            f"PDL {'on' if k['pdl'] else 'off'}{_splits_text(k)}")
+
+
+def _splits_text(k: dict) -> str:
+    if "prefill_split" not in k:  # reports written before the field existed
+        return ""
+    if not k["prefill_split"]:
+        return ", prefill GEMMs whole (RTLOOP_PREFILL_SPLIT=0)"
+    split = [c for c in k["prefill_splits"] if c["split"]]
+    shapes = "; ".join(f"{c['dtype']} {c['rows']}x{c['k']} -> {c['n']} at row {c['split']}" for c in split)
+    return f", prefill GEMMs split: {shapes}" if split else ", prefill GEMMs whole"
 
 
 def markdown(report: dict) -> str:

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# What produced profiles/bench-h100-7b.{json,md}: run from the repository root on a CUDA machine that has
-# torch and transformers (no install needed: PYTHONPATH). Writes everything under ${OUT:-out/gpu}.
-#   bash scripts/gpu_bench.sh [kernels|prefill|bench|profile|tests|parity|run ...]   (default: kernels bench profile tests parity)
+# What produced profiles/bench-{h100,h200}-7b.{json,md}: run from the repository root on a CUDA machine that
+# has torch and transformers (no install needed: PYTHONPATH). Writes everything under ${OUT:-out/gpu}, files
+# named for ${GPU:-h100} (the machine's label).
+#   GPU=h200 bash scripts/gpu_bench.sh [kernels|prefill|split|bench|profile|tests|parity|run ...]
+#   (default: kernels bench profile tests parity)
 set -u
 OUT=${OUT:-out/gpu}
+GPU=${GPU:-h100}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 LOG="$OUT/log.txt"
@@ -21,23 +24,33 @@ for step in $steps; do
   case $step in
   kernels)
     say "gemv microbenchmark"
-    timeout ${KERNELS_TIMEOUT:-420} python3 scripts/gemv_bench.py --out "$OUT/gemv-h100.json" 2>&1 | tee -a "$LOG" ;;
+    timeout ${KERNELS_TIMEOUT:-420} python3 scripts/gemv_bench.py --out "$OUT/gemv-$GPU.json" 2>&1 | tee -a "$LOG" ;;
   bench)
     say "rtloop bench 7b"
     timeout ${BENCH_TIMEOUT:-360} python3 -m rtloop bench --size 7b --device cuda \
       --engines "${ENGINES:-reference,eager,graphed,compiled}" --quant "${QUANT:-int8,fp8}" --iters "${ITERS:-50}" \
-      --warmup 5 --agreement-frames 32 --out "$OUT/${BENCH_NAME:-bench-h100-7b}" 2>&1 | tee -a "$LOG" ;;
+      --warmup 5 --agreement-frames 32 --out "$OUT/${BENCH_NAME:-bench-$GPU-7b}" 2>&1 | tee -a "$LOG" ;;
   prefill)
     say "prefill matmuls: cublas vs inductor max-autotune"
-    timeout ${PREFILL_TIMEOUT:-150} python3 scripts/prefill_gemm_bench.py --rows 288 --out "$OUT/prefill-gemm-h100.json" \
+    timeout ${PREFILL_TIMEOUT:-150} python3 scripts/prefill_gemm_bench.py --rows 288 --out "$OUT/prefill-gemm-$GPU.json" \
       2>&1 | grep -v Warning | tail -12 | tee -a "$LOG" ;;
+  split)
+    say "prefill GEMMs: whole vs last rows on a side stream"
+    timeout ${SPLIT_TIMEOUT:-120} python3 scripts/prefill_split_bench.py --rows 288 --splits 256 --formats bf16,fp8 \
+      --out "$OUT/prefill-split-$GPU.json" 2>&1 | grep -v Warning | tee -a "$LOG"
+    for s in 1 0; do
+      say "rtloop bench compiled+fp8, RTLOOP_PREFILL_SPLIT=$s"
+      RTLOOP_PREFILL_SPLIT=$s timeout ${BENCH_TIMEOUT:-360} python3 -m rtloop bench --size 7b --device cuda \
+        --engines compiled --quant fp8 --iters 40 --warmup 5 --agreement-frames 4 --out "$OUT/bench-$GPU-split$s" \
+        2>&1 | grep "^| comp" | tee -a "$LOG"
+    done ;;
   tests)
     say "pytest -m gpu"
     timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -x tests/policy/test_kernels.py tests/policy/test_engines.py \
       tests/policy/test_model.py 2>&1 | tail -15 | tee -a "$LOG" ;;
   parity)
     say "vit timm parity"
-    timeout 60 python3 scripts/vit_timm_parity.py --device cuda > "$OUT/vit_timm_parity-h100.json" 2>>"$LOG"
+    timeout 60 python3 scripts/vit_timm_parity.py --device cuda > "$OUT/vit_timm_parity-$GPU.json" 2>>"$LOG"
     echo "exit $?" | tee -a "$LOG" ;;
   profile)
     for engine in ${PROFILE_ENGINES:-graphed}; do

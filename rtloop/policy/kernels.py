@@ -20,7 +20,9 @@ Prefill (~280 tokens) is a real matmul and runs on tensor cores: `int8_matmul` /
 activations on the fly (one scale per token) and call cuBLAS's 8-bit GEMMs, then apply the weights' per-row
 scales. Quantising activations costs accuracy that weight-only decoding does not: on Gaussian activations
 with a few 20x outlier channels (Llama-like), the relative error of a 4096x4096 product is 0.9% with int8
-weights alone but 6.6% once the activations are int8 too; fp8 is 2.7% (weights) and 3.6% (both).
+weights alone but 6.6% once the activations are int8 too; fp8 is 2.7% (weights) and 3.6% (both). A
+~288-row fp8 GEMM may run its last rows on a side stream (`prefill_split`, `prefill_fp8_matmul`), where it
+times faster that way.
 
 `TRITON_INTERPRET=1` runs the Triton kernel on the CPU (numpy, slow): the tests use it where there is no GPU.
 """
@@ -28,6 +30,7 @@ weights alone but 6.6% once the activations are int8 too; fp8 is 2.7% (weights) 
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import torch
 
@@ -43,6 +46,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("RTLOOP_AUTOTUNE", "1") != "0"
 # RTLOOP_PDL=0: launch the decode kernels one after another, as plain launches (to measure what PDL buys)
 PDL = os.environ.get("RTLOOP_PDL", "1") != "0"
+# RTLOOP_PREFILL_SPLIT=0: run each 8-bit prefill GEMM whole (see prefill_split)
+PREFILL_SPLIT = os.environ.get("RTLOOP_PREFILL_SPLIT", "1") != "0"
 FIXED_TILE = (2, 1024, 4, False)  # (BLOCK_N, BLOCK_K, num_warps, ROW_SUMS) of the GEMV when not autotuning
 INT8_BITS = True  # widen int8 weights with float bit arithmetic, not the conversion instruction (_widen)
 
@@ -401,8 +406,81 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
     x_scale = x_max.float().clamp(min=1e-12) / 448.0
     xq = (x.float() / x_scale).to(torch.float8_e4m3fn)
     if rowwise:
+        if x.device.type == "cuda":
+            return prefill_fp8_matmul(xq, weight, x_scale, scale.float()[None, :], x.dtype, prefill_split(x.shape[0]))
         return torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale.float()[None, :], out_dtype=x.dtype,
                                 use_fast_accum=True)
     one = torch.ones((), device=x.device, dtype=torch.float32)
     y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True)
     return (y.float() * scale.float()).to(x.dtype)
+
+
+
+def prefill_split(rows: int) -> int:
+    """Where a GEMM of `rows` rows could split in two (0: nowhere). cuBLAS tiles the rows by 128, so a
+    ~288-row prefill pays a third row of tiles that is three quarters empty; split off onto a side stream,
+    those last rows run on the SMs that the first 256 leave idle. RTLOOP_PREFILL_SPLIT=0 never splits."""
+    if not PREFILL_SPLIT or rows <= 128:
+        return 0
+    tail = rows % 128
+    return rows - tail if 0 < tail <= 64 else 0
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_SPLIT_CHOICE: dict[tuple, int] = {}  # (shapes, dtypes, device, split) -> that split, or 0: the faster, as timed
+
+
+def _scaled_mm(x, weight, x_scale, w_scale, out_dtype, split: int) -> torch.Tensor:
+    """torch._scaled_mm(x, weight.T) with row-wise scales (x_scale [M, 1], w_scale [1, N]) and fast
+    accumulation; split > 0: rows [split:] on a side stream while rows [:split] run on this one, both writing
+    one output. Fork and join are stream waits, which a CUDA graph captures."""
+    def mm(rows, out=None):
+        return torch._scaled_mm(x[rows], weight.t(), scale_a=x_scale[rows], scale_b=w_scale, out_dtype=out_dtype,
+                                use_fast_accum=True, out=out)
+
+    if not split:
+        return mm(slice(None))
+    out = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=out_dtype)
+    main = torch.cuda.current_stream(x.device)
+    if x.device not in _SIDE_STREAMS:  # made by a warm-up call, never during a capture
+        _SIDE_STREAMS[x.device] = torch.cuda.Stream(x.device)
+    side = _SIDE_STREAMS[x.device]
+    side.wait_stream(main)  # the inputs are ready; they and `out` are freed on main, which joins side below
+    with torch.cuda.stream(side):
+        mm(slice(split, None), out[split:])
+    mm(slice(0, split), out[:split])
+    main.wait_stream(side)
+    return out
+
+
+@torch.library.custom_op("rtloop::prefill_fp8_matmul", mutates_args=())
+def prefill_fp8_matmul(
+    x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype,
+    split: int,
+) -> torch.Tensor:
+    """The fp8 prefill GEMM on CUDA (`_scaled_mm`), whole or split at row `split` (see `prefill_split`),
+    whichever ran faster when this shape was first seen: cuBLAS's tiles differ by shape and GPU (on an H200
+    the split won 16 us on [q; k; v] and lost 4-27 us on the other three; profiles/prefill-split-h200.json).
+    With RTLOOP_AUTOTUNE=0 it splits wherever `split` says. An op of its own because TorchInductor cannot
+    trace streams: to it this is one opaque call, as cuBLAS's GEMMs are anyway."""
+    key = (tuple(x.shape), tuple(weight.shape), x.dtype, out_dtype, x.device, split)
+    if key not in _SPLIT_CHOICE:
+        if not AUTOTUNE or not split:
+            _SPLIT_CHOICE[key] = split
+        else:  # first seen in a warm-up call (captures replay what the warm-ups chose)
+            ms = {s: triton.testing.do_bench(partial(_scaled_mm, x, weight, x_scale, w_scale, out_dtype, s))
+                  for s in (0, split)}
+            _SPLIT_CHOICE[key] = min(ms, key=ms.get)
+    return _scaled_mm(x, weight, x_scale, w_scale, out_dtype, _SPLIT_CHOICE[key])
+
+
+def split_choices() -> list[dict]:
+    """Each GEMM shape `prefill_fp8_matmul` could split in this process, and where it did (0: whole), for reports."""
+    return [{"rows": x_shape[0], "k": x_shape[1], "n": w_shape[0], "dtype": str(dtype).removeprefix("torch."),
+             "split": chosen}
+            for (x_shape, w_shape, dtype, _, _, split), chosen in _SPLIT_CHOICE.items() if split]
+
+
+@prefill_fp8_matmul.register_fake
+def _(x, weight, x_scale, w_scale, out_dtype, split):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=out_dtype)

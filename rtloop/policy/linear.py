@@ -9,7 +9,8 @@ the named modules); moving the model with `.to()` afterwards would break the ali
 device the model runs on (`setup_caches` does).
 
 With `use_kernels` (the `compiled` engine, CUDA) a one-row input goes to `rtloop.policy.kernels.gemv`, and a
-quantised many-row input (the prefill) to the 8-bit tensor-core matmuls; otherwise plain PyTorch, where
+quantised many-row input (the prefill) to the 8-bit tensor-core matmuls (`kernels.fp8_matmul` may run a
+~288-row GEMM's last rows on a side stream); otherwise plain PyTorch, where
 1-byte weights are widened to the activation dtype first (weight-only quantisation, exact but slow).
 """
 

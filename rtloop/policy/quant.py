@@ -7,7 +7,8 @@ bytes and scales under the checkpoint's module names; the Llama runs them throug
 widened in registers) and the prefill the 8-bit tensor-core matmuls (activations quantised per token too);
 elsewhere `F.linear(x, w.to(x.dtype)) * scale`: weight-only, but slower than bf16. Measured on an
 H100 (profiles/bench-h100-7b.md): compiled+int8 28.6 ms and compiled+fp8 26.4 ms per predict_action
-against bf16's 38.9, in 9.0 GB instead of 15.5. The vision towers, projector and embeddings stay in bf16.
+against bf16's 38.9, in 9.0 GB instead of 15.5; on an H200 25.5 and 24.2 against 29.4 (there the widening
+of the bytes, not the bandwidth, limits the 1-byte GEMVs: profiles/README.md). The vision towers, projector and embeddings stay in bf16.
 """
 
 from __future__ import annotations

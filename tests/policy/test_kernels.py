@@ -139,6 +139,53 @@ def test_8bit_prefill_matmuls_approximate_the_float_product(fmt, matmul, rel):
     _close(y.cpu(), x.float() @ w.t(), rel)
 
 
+
+def test_prefill_split_takes_off_a_mostly_empty_last_row_of_tiles(monkeypatch):
+    monkeypatch.setattr(kernels, "PREFILL_SPLIT", True)
+    assert kernels.prefill_split(288) == 256  # the LIBERO prefill: 256 patches + a 32-token prompt bucket
+    assert kernels.prefill_split(272) == 256
+    assert kernels.prefill_split(256) == 0  # whole tiles: nothing to gain
+    assert kernels.prefill_split(352) == 0  # the last tile is more than half full: it pays its way
+    assert kernels.prefill_split(100) == 0  # one row of tiles
+    monkeypatch.setattr(kernels, "PREFILL_SPLIT", False)
+    assert kernels.prefill_split(288) == 0
+
+
+@pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability() < (9, 0), reason="row-wise fp8 needs Hopper")
+def test_fp8_prefill_matmul_whole_is_scaled_mm():
+    """The unsplit path (row-wise fp8 runs on Hopper, and on the CPU since torch 2.13); the split needs CUDA
+    streams (below)."""
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    x = torch.randn(48, 64, device=DEVICE, generator=g).bfloat16()
+    q, scale = quantize_weight(torch.randn(32, 64, device=DEVICE, generator=g).bfloat16(), "fp8")
+    x_scale = x.abs().amax(dim=-1, keepdim=True).float() / 448.0
+    xq = (x.float() / x_scale).to(torch.float8_e4m3fn)
+    y = kernels._scaled_mm(xq, q, x_scale, scale.float()[None, :], torch.bfloat16, 0)
+    _close(y.cpu(), (x.float() @ (q.float() * scale.float()[:, None]).t()).cpu(), 0.08)
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability() < (9, 0), reason="row-wise fp8 needs Hopper")
+def test_split_fp8_prefill_matmul_equals_the_whole_one_also_in_a_graph(monkeypatch):
+    monkeypatch.setattr(kernels, "AUTOTUNE", False)  # split wherever prefill_split says
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(288, 512, device="cuda", generator=g).bfloat16()
+    q, scale = quantize_weight(torch.randn(384, 512, device="cuda", generator=g).bfloat16(), "fp8")
+    x_scale = x.abs().amax(dim=-1, keepdim=True).float() / 448.0
+    xq = (x.float() / x_scale).to(torch.float8_e4m3fn)
+    args = (xq, q, x_scale, scale.float()[None, :], torch.bfloat16)
+    whole = kernels._scaled_mm(*args, 0)
+    split = kernels.prefill_fp8_matmul(*args, 256)
+    assert kernels.split_choices()[-1] == {"rows": 288, "k": 512, "n": 384, "dtype": "float8_e4m3fn", "split": 256}
+    _close(split, whole, 0.01)  # cuBLAS may pick another kernel (accumulation order) for 32 rows
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kernels.prefill_fp8_matmul(*args, 256)
+    for _ in range(20):  # a missing join would let a replay read rows the side stream has not written
+        captured.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, split)
+
 def _linears(*shapes):
     g = torch.Generator().manual_seed(2)
     mods = []
