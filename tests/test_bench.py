@@ -31,11 +31,13 @@ def test_bench_writes_the_comparable_report(tmp_path):
         assert result["peak_mem_gb"] is None  # CPU: no allocator peak; the process RSS is reported instead
     assert report["peak_rss_gb"] > 0
     assert report["kernels"]["pdl"] is False  # a CPU run launches no kernels, programmatically or otherwise
+    assert report["kernels"]["prefill_splits"] == []  # the prefill split is CUDA streams: never on a CPU
     # the official-path engine and ours pick the same greedy tokens on real frames
     assert report["engines"]["reference"]["agreement"]["baseline"] == "eager"
     assert report["engines"]["reference"]["agreement"]["token_agreement"] == 1.0
     table = out.with_suffix(".md").read_text()
     assert "| reference |" in table and "| eager |" in table and "floor" in table and "PDL off" in table
+    assert "prefill GEMMs whole" in table
     assert "| eager |" in r.stdout  # the same table on screen
 
 
@@ -53,3 +55,14 @@ def test_bench_bad_input_is_one_line(argv, message):
     r = rtloop("bench", *argv, timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+
+
+def test_bench_names_the_split_prefill_gemms():
+    from rtloop.bench import _kernels_text
+
+    split = {"rows": 288, "k": 4096, "n": 12288, "dtype": "float8_e4m3fn", "split": 256}
+    whole = {"rows": 288, "k": 4096, "n": 4096, "dtype": "float8_e4m3fn", "split": 0}
+    k = {"triton": "3.6.0", "autotune": True, "pdl": True, "prefill_split": True, "prefill_splits": [split, whole]}
+    assert _kernels_text(k).endswith("prefill GEMMs split: float8_e4m3fn 288x4096 -> 12288 at row 256")
+    assert _kernels_text(k | {"prefill_split": False}).endswith("prefill GEMMs whole (RTLOOP_PREFILL_SPLIT=0)")
+    assert "prefill" not in _kernels_text({"triton": "3.6.0", "autotune": True, "pdl": True})  # older reports
