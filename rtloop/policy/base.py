@@ -1,28 +1,45 @@
 """What the runtime needs from a policy. The OpenVLA pipeline (rtloop.policy.openvla) implements it;
-so does a deliberately slow wrapper used to make real-time effects visible in tests."""
+so do the scripted expert, the remote (websocket) policy and a deliberately slow wrapper."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+from rtloop import clock
+from rtloop.sim.base import Observation
+
 STAGES = ("processor", "generate", "detokenize")
+
+
+@dataclass
+class Alert:
+    """A suspected silent failure (rtloop.policy.guards says which kinds exist and why)."""
+
+    kind: str  # a bounded label value
+    message: str
+    time: float = field(default_factory=clock.now)
 
 
 @dataclass
 class PolicyOutput:
     action: np.ndarray  # env-ready 7-vector (for LIBERO: gripper already mapped to -1 open / +1 close)
     raw_action: np.ndarray  # the model's unnormalised 7-vector, before any env-specific mapping
-    timings: dict[str, float]  # seconds per stage, keys from STAGES
+    timings: dict[str, float]  # seconds per stage
+    chunk: np.ndarray | None = None  # [H, 7] env-ready actions (chunk[0] is `action`), or None: one action
+    alerts: list[Alert] = field(default_factory=list)  # suspected silent failures noticed during this call
 
 
 class Policy(Protocol):
     label: str  # e.g. "openvla-7b (weights/openvla-7b)" or "openvla tiny RANDOM WEIGHTS"
+    needs_images: bool  # False: the env renders nothing (a policy that reads privileged state only)
 
-    def act(self, frame: np.ndarray, instruction: str) -> PolicyOutput:
-        """Raw simulator frame in, env-ready action out. Blocking; the runtime calls it off the event loop."""
+    def act(self, obs: Observation, instruction: str) -> PolicyOutput:
+        """Raw observation in, env-ready action out. Blocking; the runtime calls it off the event loop."""
 
-    def warmup(self, frame: np.ndarray, instruction: str) -> None:
+    def warmup(self, obs: Observation, instruction: str) -> None:
         """Run once before timing starts (allocations, CUDA graph capture)."""
+
+    def close(self) -> None: ...

@@ -1,6 +1,6 @@
 """Detectors for the failures that do not raise: the robot moves, the numbers look fine, and the policy is
 quietly wrong. Each detector warns once per policy, loudly (logger "rtloop", prefix "SILENT FAILURE?"),
-and queues an `Alert` the runtime drains into its trace and metrics (`OpenVLAPolicy.drain_alerts()`).
+and queues an `Alert`; the policy hands the queue back in each `PolicyOutput.alerts`, the runtime records it.
 
 What is checked, and why each check can actually see its failure:
 - blank_frame: a black or constant image (rendering off, wrong camera key): its pixel statistics show it.
@@ -20,12 +20,11 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from rtloop import clock
+from rtloop.policy.base import Alert
 from rtloop.policy.processor import PROMPT_TEMPLATE
 
 log = logging.getLogger("rtloop")
@@ -43,13 +42,6 @@ THUMB_STRIDE = 4  # detectors look at every 4th pixel: 56x56 of a 224 image, ~0.
 _OFFICIAL_PROMPT = re.compile(
     "^" + re.escape(PROMPT_TEMPLATE).replace(re.escape("{instruction}"), "(?P<instruction>.+)") + "$", re.S
 )
-
-
-@dataclass
-class Alert:
-    kind: str  # one of ALERT_KINDS (a bounded label value)
-    message: str
-    time: float = field(default_factory=clock.now)
 
 
 class Guards:
@@ -71,6 +63,10 @@ class Guards:
     def drain(self) -> list[Alert]:
         alerts, self._pending = self._pending, []
         return alerts
+
+    def requeue(self, alerts: list[Alert]) -> None:
+        """Put drained alerts back, ahead of newer ones (a warm-up's, for the first real call)."""
+        self._pending[:0] = alerts
 
     def check_frame(self, image: np.ndarray) -> None:
         """Warn on a black or constant frame, and note whether it differs visibly from the previous one (for

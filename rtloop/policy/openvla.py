@@ -2,7 +2,7 @@
 
     policy = OpenVLAPolicy("weights/openvla-7b-finetuned-libero-object", device="cuda")
     out = policy.act(obs["agentview_image"], "pick up the alphabet soup and place it in the basket")
-    env.step(out.action)
+    env.step(out.action)   # LIBERO's gripper convention (-1 open); out.raw_action is the model's (+1 open)
 
 Stages (rtloop.policy.base.STAGES), each a `timed_stage` so profilers see the same names:
 - processor: LIBERO image path (act only), prompt, tokens, pixel_values including host->device (graphed
@@ -21,7 +21,7 @@ import torch
 
 from rtloop.policy.actions import ActionDetokenizer, default_unnorm_key, libero_gripper, resolve_unnorm_key
 from rtloop.policy.base import PolicyOutput
-from rtloop.policy.guards import Alert, Guards
+from rtloop.policy.guards import Guards
 from rtloop.policy.model import OpenVLA
 from rtloop.policy.processor import (
     PROMPT_TEMPLATE,
@@ -34,9 +34,12 @@ from rtloop.policy.processor import (
 )
 from rtloop.policy.tokenizer import load_tokenizer
 from rtloop.profiling.ranges import timed_stage
+from rtloop.sim.base import Observation
 
 
 class OpenVLAPolicy:
+    needs_images = True
+
     def __init__(
         self,
         checkpoint_dir: str | Path,
@@ -137,18 +140,21 @@ class OpenVLAPolicy:
             self.guards.check_action(action)
         return action, timings
 
-    def act(self, frame: np.ndarray, instruction: str) -> PolicyOutput:
+    def act(self, obs: Observation | np.ndarray, instruction: str) -> PolicyOutput:
+        """A raw LIBERO frame (or an Observation holding one) -> LIBERO-ready action: `action` has LIBERO's
+        gripper convention (-1 open, +1 close), `raw_action` the model's (+1 open)."""
+        frame = obs.image if isinstance(obs, Observation) else obs
         timings: dict[str, float] = {}
         with timed_stage("processor", timings):
             image = prepare_libero_image(frame, center_crop=self.center_crop, rotate=self.rotate)
         raw, timings = self.predict_action(image, instruction, timings=timings)
-        return PolicyOutput(action=libero_gripper(raw), raw_action=raw, timings=timings)
+        return PolicyOutput(action=libero_gripper(raw), raw_action=raw, timings=timings, alerts=self.guards.drain())
 
-    def warmup(self, frame: np.ndarray, instruction: str) -> None:
+    def warmup(self, obs: Observation | np.ndarray, instruction: str) -> None:
         """Two full passes: the first allocates (KV cache, kernels), the second runs what steady state runs
-        (engines that capture graphs do it on a later call)."""
-        for _ in range(2):
-            self.act(frame, instruction)
+        (engines that capture graphs do it on a later call). Their alerts stay queued for the first act."""
+        alerts = [alert for _ in range(2) for alert in self.act(obs, instruction).alerts]
+        self.guards.requeue(alerts)
 
-    def drain_alerts(self) -> list[Alert]:
-        return self.guards.drain()
+    def close(self) -> None:
+        pass

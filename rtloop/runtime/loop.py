@@ -22,7 +22,7 @@ from rtloop.policy.base import Policy, PolicyOutput
 from rtloop.runtime.mailbox import Frame, LatestFrameMailbox
 from rtloop.runtime.records import EpisodeRecord, InferenceRecord, Sink, TickRecord
 from rtloop.runtime.worker import WorkerThread
-from rtloop.sim.base import SimEnv, StepResult
+from rtloop.sim.base import Observation, SimEnv, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Runtime:
         try:
             first = await self._sim_call(self.env.reset, episode)
             if self.frames is not None:
-                self.frames.append(first)
+                self.frames.append(first.image)
             first_frame = Frame(0, first, clock.now())
             if self.config.sync:
                 await self._blocking_loop(episode, first_frame, progress)
@@ -186,18 +186,13 @@ class Runtime:
         except Exception as exc:
             raise SimError(f"{type(exc).__name__}: {exc}") from exc
 
-    async def _act(self, image: np.ndarray) -> PolicyOutput:
+    async def _act(self, obs: Observation) -> PolicyOutput:
         try:
-            return await self.policy_thread.run(self.policy.act, image, self.env.instruction)
+            return await self.policy_thread.run(self.policy.act, obs, self.env.instruction)
         except RtloopError:
             raise
         except Exception as exc:
             raise PolicyError(f"{type(exc).__name__}: {exc}") from exc
-
-    def _drain_alerts(self) -> None:
-        drain = getattr(self.policy, "drain_alerts", None)
-        for alert in drain() if drain is not None else []:
-            self.sinks.on_alert(alert.kind, alert.message)
 
     async def _sim_task(self, episode: int, mailbox: LatestFrameMailbox, progress: EpisodeProgress) -> None:
         period = 1.0 / self.config.rate
@@ -217,7 +212,7 @@ class Runtime:
                 last_applied = action.seq
             result: StepResult = await self._sim_call(self.env.step, value)
             t_end = clock.now()
-            mailbox.put(Frame(step + 1, result.frame, t_end))
+            mailbox.put(Frame(step + 1, result.obs, t_end))
             overrun = max(0.0, t_end - (deadline + period))
             self._record_tick(episode, step, t_start, t_end, deadline, prev_start, overrun, t_end - t_start, result,
                               source, seq, age, step + 1, self.dropped_before + mailbox.dropped)
@@ -237,7 +232,7 @@ class Runtime:
             t_wait = clock.now()
             frame = await mailbox.get()
             t_start = clock.now()
-            out = await self._act(frame.image)
+            out = await self._act(frame.obs)
             self.inference_seq += 1
             self.latest = Action(out.action, self.inference_seq, frame.captured_at)
             self._record_inference(episode, frame, t_start, clock.now(), t_start - t_wait, out)
@@ -253,7 +248,7 @@ class Runtime:
             deadline = anchor + k * period
             await sleep_until(deadline)
             t_start = clock.now()
-            out = await self._act(frame.image)
+            out = await self._act(frame.obs)
             self.inference_seq += 1
             t_apply = clock.now()
             self._record_inference(episode, frame, t_start, t_apply, 0.0, out)
@@ -262,7 +257,7 @@ class Runtime:
             overrun = max(0.0, t_end - (deadline + period))
             self._record_tick(episode, step, t_start, t_end, deadline, prev_start, overrun, t_end - t_apply, result,
                               "fresh", self.inference_seq, t_apply - frame.captured_at, step + 1, 0)
-            frame = Frame(step + 1, result.frame, t_end)
+            frame = Frame(step + 1, result.obs, t_end)
             prev_start = t_start
             progress.steps, progress.success = step + 1, result.success
             if result.done:
@@ -310,4 +305,5 @@ class Runtime:
             stages={k: float(v) for k, v in out.timings.items()},
             action=[float(x) for x in out.action],
         ))
-        self._drain_alerts()
+        for alert in out.alerts:
+            self.sinks.on_alert(alert.kind, alert.message)

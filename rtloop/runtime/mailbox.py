@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import anyio
-import numpy as np
+
+from rtloop.sim.base import Observation
 
 
 @dataclass
 class Frame:
     seq: int  # 0 for the frame after reset, then one per tick
-    image: np.ndarray
+    obs: Observation
     captured_at: float  # clock.now() when the simulator returned it
 
 

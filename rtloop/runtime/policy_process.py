@@ -22,6 +22,7 @@ import numpy as np
 
 from rtloop.errors import PolicyError, RtloopError
 from rtloop.policy.base import PolicyOutput
+from rtloop.sim.base import Observation
 
 
 def _serve(conn: Connection, build: Callable[..., Any], build_args: tuple) -> None:
@@ -32,17 +33,17 @@ def _serve(conn: Connection, build: Callable[..., Any], build_args: tuple) -> No
     except BaseException as exc:
         conn.send(("error", _portable(exc)))
         return
-    conn.send(("ok", policy.label))
+    conn.send(("ok", (policy.label, policy.needs_images)))
     blocks: dict[str, shared_memory.SharedMemory] = {}
     while (request := conn.recv()) is not None:
-        method, block_name, shape, instruction = request
-        if block_name not in blocks:
-            blocks[block_name] = shared_memory.SharedMemory(name=block_name)
-        frame = np.ndarray(shape, dtype=np.uint8, buffer=blocks[block_name].buf).copy()
+        method, block_name, shape, state, instruction = request
+        image = None
+        if block_name is not None:
+            if block_name not in blocks:
+                blocks[block_name] = shared_memory.SharedMemory(name=block_name)
+            image = np.ndarray(shape, dtype=np.uint8, buffer=blocks[block_name].buf).copy()
         try:
-            result = getattr(policy, method)(frame, instruction)
-            drain = getattr(policy, "drain_alerts", None)
-            conn.send(("ok", (result, drain() if drain is not None else [])))
+            conn.send(("ok", getattr(policy, method)(Observation(image, state), instruction)))
         except BaseException as exc:
             conn.send(("error", _portable(exc)))
     for block in blocks.values():
@@ -67,9 +68,9 @@ class ProcessPolicy:
         self._process.start()
         child_conn.close()
         self._block: shared_memory.SharedMemory | None = None
-        self._alerts: list = []
         try:
-            self.label = f"{self._receive()} [own process]"
+            label, self.needs_images = self._receive()
+            self.label = f"{label} [own process]"
         except BaseException:
             self.close()
             raise
@@ -83,28 +84,25 @@ class ProcessPolicy:
             raise payload
         return payload
 
-    def _call(self, method: str, frame: np.ndarray, instruction: str):
-        frame = np.ascontiguousarray(frame, dtype=np.uint8)
-        if self._block is None or self._block.size < frame.nbytes:
-            if self._block is not None:
-                self._block.close()
-                self._block.unlink()
-            self._block = shared_memory.SharedMemory(create=True, size=frame.nbytes)
-        np.ndarray(frame.shape, dtype=np.uint8, buffer=self._block.buf)[...] = frame
-        self._conn.send((method, self._block.name, frame.shape, instruction))
-        result, alerts = self._receive()
-        self._alerts += alerts
-        return result
+    def _call(self, method: str, obs: Observation, instruction: str):
+        block_name, shape = None, None
+        if obs.image is not None:
+            frame = np.ascontiguousarray(obs.image, dtype=np.uint8)
+            if self._block is None or self._block.size < frame.nbytes:
+                if self._block is not None:
+                    self._block.close()
+                    self._block.unlink()
+                self._block = shared_memory.SharedMemory(create=True, size=frame.nbytes)
+            np.ndarray(frame.shape, dtype=np.uint8, buffer=self._block.buf)[...] = frame
+            block_name, shape = self._block.name, frame.shape
+        self._conn.send((method, block_name, shape, obs.state, instruction))
+        return self._receive()
 
-    def act(self, frame: np.ndarray, instruction: str) -> PolicyOutput:
-        return self._call("act", frame, instruction)
+    def act(self, obs: Observation, instruction: str) -> PolicyOutput:
+        return self._call("act", obs, instruction)
 
-    def warmup(self, frame: np.ndarray, instruction: str) -> None:
-        self._call("warmup", frame, instruction)
-
-    def drain_alerts(self) -> list:
-        alerts, self._alerts = self._alerts, []
-        return alerts
+    def warmup(self, obs: Observation, instruction: str) -> None:
+        self._call("warmup", obs, instruction)
 
     def close(self) -> None:
         if self._process.is_alive():

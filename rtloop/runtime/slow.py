@@ -12,10 +12,9 @@ from __future__ import annotations
 import hashlib
 import time
 
-import numpy as np
-
 from rtloop import clock
 from rtloop.policy.base import Policy, PolicyOutput
+from rtloop.sim.base import Observation
 
 
 MODES = ("sleep", "spin-gil", "spin-nogil")
@@ -30,8 +29,12 @@ class SlowPolicy:
         self.mode = mode
         self.label = f"{inner.label} + {delay_s * 1000:.0f} ms injected delay ({mode})"
 
-    def act(self, frame: np.ndarray, instruction: str) -> PolicyOutput:
-        out = self.inner.act(frame, instruction)
+    @property
+    def needs_images(self) -> bool:
+        return self.inner.needs_images
+
+    def act(self, obs: Observation, instruction: str) -> PolicyOutput:
+        out = self.inner.act(obs, instruction)
         t0 = clock.now()
         if self.mode == "sleep":
             time.sleep(self.delay_s)
@@ -44,9 +47,8 @@ class SlowPolicy:
         out.timings["injected_delay"] = clock.now() - t0
         return out
 
-    def warmup(self, frame: np.ndarray, instruction: str) -> None:
-        self.inner.warmup(frame, instruction)
+    def warmup(self, obs: Observation, instruction: str) -> None:
+        self.inner.warmup(obs, instruction)
 
-    def drain_alerts(self) -> list:
-        drain = getattr(self.inner, "drain_alerts", None)
-        return drain() if drain is not None else []
+    def close(self) -> None:
+        self.inner.close()

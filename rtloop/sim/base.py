@@ -10,11 +10,22 @@ import numpy as np
 
 
 @dataclass
+class Observation:
+    image: np.ndarray | None  # the policy camera, HxWx3 uint8, exactly as the simulator returns it (LIBERO:
+    # upside down); None when the env was built with render=False (a policy that reads only state)
+    state: dict[str, np.ndarray] = field(default_factory=dict)  # privileged sim state, where the env has it
+
+
+@dataclass
 class StepResult:
-    frame: np.ndarray  # the policy camera's image, HxWx3 uint8, exactly as the simulator returns it
+    obs: Observation
     done: bool  # the episode ended: success, or the horizon was reached
     success: bool
     timings: dict[str, float] = field(default_factory=dict)  # seconds: "physics", "render" (inside "step")
+
+    @property
+    def frame(self) -> np.ndarray | None:
+        return self.obs.image
 
 
 class SimEnv(Protocol):
@@ -24,8 +35,8 @@ class SimEnv(Protocol):
     horizon: int  # max policy steps after the settle steps
     label: str  # e.g. "libero" or "replay (recorded LIBERO frames)": shown in every output
 
-    def reset(self, episode: int) -> np.ndarray:
-        """Start `episode` (an init-state index), run the settle steps, return the first frame."""
+    def reset(self, episode: int) -> Observation:
+        """Start `episode` (an init-state index), run the settle steps, return the first observation."""
 
     def step(self, action: np.ndarray) -> StepResult:
         """Apply one env-ready 7-vector action (gripper already in the env's convention)."""

@@ -31,7 +31,7 @@ import numpy as np
 
 from rtloop.clock import now
 from rtloop.errors import InputError, SimError
-from rtloop.sim.base import StepResult
+from rtloop.sim.base import Observation, StepResult
 
 STANDARD_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 
@@ -211,7 +211,7 @@ class LiberoEnv:
         robot_env = self._env.env
         robot_env._pre_action = self._clock.wrap("physics", robot_env._pre_action)
 
-    def reset(self, episode: int) -> np.ndarray:
+    def reset(self, episode: int) -> Observation:
         if not 0 <= episode < len(self.init_states):
             raise InputError(
                 f"episode {episode} is outside the {len(self.init_states)} init states of "
@@ -226,7 +226,7 @@ class LiberoEnv:
         except Exception as e:
             raise SimError(_describe_failure(f"LIBERO reset to episode {episode} failed", e)) from e
         self._steps = 0
-        return obs[f"{CAMERA}_image"]
+        return Observation(obs[f"{CAMERA}_image"])
 
     def _instrument_sim(self) -> None:
         sim = self._env.sim
@@ -243,7 +243,7 @@ class LiberoEnv:
         self._steps += 1
         success = bool(env_done)
         return StepResult(
-            frame=obs[f"{CAMERA}_image"],
+            obs=Observation(obs[f"{CAMERA}_image"]),
             done=success or self._steps >= self.horizon,
             success=success,
             timings=dict(self._clock.totals),

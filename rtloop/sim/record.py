@@ -33,7 +33,7 @@ def record(suite: str, task_ids: list[int], frames_per_task: int, episode: int, 
     for task_id in task_ids:
         env = LiberoEnv(suite=suite, task_id=task_id, seed=seed)
         try:
-            frames.append(env.reset(episode))
+            frames.append(env.reset(episode).image)
             for step in range(frames_per_task - 1):
                 frames.append(env.step(scripted_action(step, period=max(frames_per_task - 1, 1))).frame)
             instructions.append(env.instruction)

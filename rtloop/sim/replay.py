@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from rtloop.errors import InputError
-from rtloop.sim.base import StepResult
+from rtloop.sim.base import Observation, StepResult
 from rtloop.sim.libero_env import horizon_for
 
 INIT_STATES_PER_TASK = 50  # LIBERO's; the replay accepts the same episode range as the real env
@@ -61,19 +61,19 @@ class ReplayEnv:
         self.frames = frames[frame_task_ids == task_id]
         self._steps = 0
 
-    def reset(self, episode: int) -> np.ndarray:
+    def reset(self, episode: int) -> Observation:
         if not 0 <= episode < INIT_STATES_PER_TASK:
             raise InputError(
                 f"episode {episode} is outside the {INIT_STATES_PER_TASK} init states of "
                 f"{self.suite} task {self.task_id} (0..{INIT_STATES_PER_TASK - 1})"
             )
         self._steps = 0
-        return self.frames[0].copy()
+        return Observation(self.frames[0].copy())
 
     def step(self, action: np.ndarray) -> StepResult:
         self._steps += 1
         return StepResult(
-            frame=self.frames[self._steps % len(self.frames)].copy(),  # a fresh array, as LIBERO returns
+            obs=Observation(self.frames[self._steps % len(self.frames)].copy()),  # a fresh array, as LIBERO returns
             done=self._steps >= self.horizon,
             success=False,
             timings={"physics": 0.0, "render": 0.0},

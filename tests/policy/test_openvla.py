@@ -26,7 +26,12 @@ def policy(tiny_checkpoint):
 
 
 def alert_kinds(policy) -> list[str]:
-    return [a.kind for a in policy.drain_alerts()]
+    """Alerts still queued: raised at construction or by predict_action (act hands them back itself)."""
+    return [a.kind for a in policy.guards.drain()]
+
+
+def kinds(out: PolicyOutput) -> list[str]:
+    return [a.kind for a in out.alerts]
 
 
 def test_predict_action_returns_action_and_stage_times(policy):
@@ -79,16 +84,14 @@ def test_per_call_unnorm_key(policy):
 
 def test_black_frame_still_acts_but_warns(tiny_checkpoint):
     p = OpenVLAPolicy(tiny_checkpoint)
-    p.act(frame(0), INSTRUCTION)
-    assert alert_kinds(p) == []
+    assert kinds(p.act(frame(0), INSTRUCTION)) == []
     out = p.act(np.zeros((256, 256, 3), np.uint8), INSTRUCTION)
-    assert np.all(np.isfinite(out.action)) and alert_kinds(p) == ["blank_frame"]
+    assert np.all(np.isfinite(out.action)) and kinds(out) == ["blank_frame"] and alert_kinds(p) == []
 
 
 def test_custom_prompt_template_and_no_rotation_warn(tiny_checkpoint):
     p = OpenVLAPolicy(tiny_checkpoint, prompt_template="Robot, {instruction}!", rotate=False)
-    p.act(frame(0), INSTRUCTION)
-    assert sorted(alert_kinds(p)) == ["image_orientation", "prompt"]
+    assert sorted(kinds(p.act(frame(0), INSTRUCTION))) == ["image_orientation", "prompt"]
     with pytest.raises(InputError, match="prompt template"):
         OpenVLAPolicy(tiny_checkpoint, prompt_template="Robot, {task}!")
 
@@ -143,11 +146,13 @@ def test_real_libero_frames(policy):
         obs = env.set_init_state(suite.get_task_init_states(0)[0])
         for _ in range(10):
             obs, *_ = env.step([0, 0, 0, 0, 0, 0, -1])
-        policy.drain_alerts()
+        policy.guards.drain()
+        seen = []
         for _ in range(3):
             out = policy.act(obs["agentview_image"], task.language)
+            seen += kinds(out)
             assert np.all(np.isfinite(out.action)) and out.action[-1] in (-1.0, 1.0)
             obs, *_ = env.step(out.action)
     finally:
         env.close()
-    assert set(alert_kinds(policy)) <= {"constant_action"}
+    assert set(seen) <= {"constant_action"}

@@ -3,12 +3,13 @@ import threading
 import anyio
 import numpy as np
 
+from rtloop.sim.base import Observation
 from rtloop.runtime.mailbox import Frame, LatestFrameMailbox
 from rtloop.runtime.worker import WorkerThread
 
 
 def frame(seq: int) -> Frame:
-    return Frame(seq, np.full((2, 2, 3), seq, dtype=np.uint8), float(seq))
+    return Frame(seq, Observation(np.full((2, 2, 3), seq, dtype=np.uint8)), float(seq))
 
 
 def test_put_over_an_unread_frame_counts_a_drop_and_newest_wins():

@@ -45,7 +45,7 @@ def test_task_metadata(env):
 @pytest.fixture(scope="module")
 def reset_frames(env):
     """Episodes 0, 1, then 0 again: leaves the env at the start of episode 0 for the step test."""
-    return env.reset(0), env.reset(1), env.reset(0)
+    return env.reset(0).image, env.reset(1).image, env.reset(0).image
 
 
 def test_init_state_selects_a_reproducible_scene(reset_frames):
@@ -58,7 +58,7 @@ def test_init_state_selects_a_reproducible_scene(reset_frames):
 
 def test_recording_matches_live_libero(reset_frames):
     """The committed recording is real LIBERO: its first frame is this env's episode-0 reset frame."""
-    recorded = ReplayEnv(DEFAULT_RECORDING, suite="libero_object", task_id=0).reset(0)
+    recorded = ReplayEnv(DEFAULT_RECORDING, suite="libero_object", task_id=0).reset(0).image
     # Another GL driver may shade a few pixels differently; another scene differs far more (> 1.0 above).
     assert np.abs(reset_frames[0].astype(int) - recorded).mean() < 0.5
 

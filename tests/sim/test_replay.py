@@ -25,7 +25,7 @@ def test_replay_serves_recorded_frames_in_order_and_loops():
     assert env.label == "replay (recorded LIBERO frames, actions ignored)"
     assert env.instruction == "pick up the cream cheese and place it in the basket"
     assert env.horizon == 280
-    first = env.reset(0)
+    first = env.reset(0).image
     assert first.shape == (256, 256, 3) and first.dtype == np.uint8 and first.std() > 20
     frames = [first] + [env.step(np.zeros(7)).frame for _ in range(len(env.frames))]
     assert all(not np.array_equal(a, b) for a, b in zip(frames[:-2], frames[1:-1]))  # the arm moves
