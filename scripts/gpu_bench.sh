@@ -2,13 +2,14 @@
 # What produced profiles/bench-{h100,h200}-7b.{json,md}: run from the repository root on a CUDA machine that
 # has torch and transformers (no install needed: PYTHONPATH). Writes everything under ${OUT:-out/gpu}, files
 # named for ${GPU:-h100} (the machine's label).
-#   GPU=h200 bash scripts/gpu_bench.sh [kernels|prefill|split|bench|profile|tests|parity|run ...]
+#   GPU=h200 bash scripts/gpu_bench.sh [kernels|prefill|split|bench|profile|tests|parity|run|libero ...]
+#   `libero` needs real LIBERO on the machine (on ours: ../shared/gpu-libero, set up before this script).
 #   (default: kernels bench profile tests parity)
 set -u
 OUT=${OUT:-out/gpu}
 GPU=${GPU:-h100}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 LOG="$OUT/log.txt"
 steps=${*:-kernels bench profile tests parity}
 
@@ -19,6 +20,28 @@ say "machine"
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   python3 -c "import rtloop.cli as c; c.build_parser(); print('rtloop.cli imports without LIBERO/py-spy')"
 } 2>&1 | tee -a "$LOG"
+
+checkpoint7b() {
+  say "write a 7b random checkpoint"
+  [ -f /tmp/ck7b/config.json ] || timeout 200 python3 - <<'EOF' 2>&1 | tee -a "$LOG"
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from rtloop.policy.checkpoint import build_random_model, make_config
+from rtloop.policy.tokenizer import write_tokenizer_files
+
+out = Path("/tmp/ck7b")
+out.mkdir(exist_ok=True)
+model = build_random_model("7b", "cuda", torch.bfloat16, seed=0)
+save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out / "model.safetensors"), {"format": "pt"})
+write_tokenizer_files(out)
+(out / "config.json").write_text(json.dumps(make_config("7b", 0), indent=2) + "\n")
+print("wrote", out)
+EOF
+}
 
 for step in $steps; do
   case $step in
@@ -67,25 +90,7 @@ for step in $steps; do
     # weights from a real on-disk checkpoint, one run per engine
     # (`rtloop checkpoint make --size 7b` draws 7.5e9 numbers on the CPU: >200 s there; this builds the same
     # kind of random model on the GPU and writes it as one model.safetensors in ~30 s)
-    say "write a 7b random checkpoint"
-    [ -f /tmp/ck7b/config.json ] || timeout 200 python3 - <<'EOF' 2>&1 | tee -a "$LOG"
-import json
-from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
-
-from rtloop.policy.checkpoint import build_random_model, make_config
-from rtloop.policy.tokenizer import write_tokenizer_files
-
-out = Path("/tmp/ck7b")
-out.mkdir(exist_ok=True)
-model = build_random_model("7b", "cuda", torch.bfloat16, seed=0)
-save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out / "model.safetensors"), {"format": "pt"})
-write_tokenizer_files(out)
-(out / "config.json").write_text(json.dumps(make_config("7b", 0), indent=2) + "\n")
-print("wrote", out)
-EOF
+    checkpoint7b
     for engine in ${RUN_ENGINES:-graphed reference}; do
       say "rtloop run --engine $engine"
       timeout ${RUN_TIMEOUT:-300} python3 -m rtloop run --rate 20 --sim replay --engine "$engine" --device cuda \
@@ -94,6 +99,26 @@ EOF
       mkdir -p "$OUT/run-$engine" && cp "/tmp/runs/run-$engine/summary.json" "$OUT/run-$engine/"
     done
     tar -C /tmp/runs -czf "$OUT/runs.tar.gz" . ;;
+  libero)
+    # Real LIBERO beside the 7b (random weights): what slows physics down, then the closed loop per engine,
+    # async and --sync, full horizon. Traces and summaries under $OUT/libero.tgz.
+    checkpoint7b
+    mkdir -p "$OUT/alone"
+    for variant in "none" "cuda --torch-threads 16" "cuda --torch-threads 1" "cpu-torch --torch-threads 16"; do
+      say "LIBERO alone, load: $variant"
+      timeout 120 python3 scripts/libero_alone.py --steps ${ALONE_STEPS:-100} --load $variant \
+        --out "$OUT/alone/$(echo "$variant" | tr -d ' -').json" 2>&1 | grep '^{' | tee -a "$LOG"
+    done
+    for spec in ${LIBERO_RUNS:-compiled+fp8:async compiled+fp8:sync compiled:async compiled:sync reference:async reference:sync}; do
+      engine=${spec%%:*} mode=${spec##*:}
+      name="libero-${engine//+/_}-$mode${THREADS_TAG:-}"
+      say "rtloop run real LIBERO --engine $engine ($mode) ${RUN_EXTRA:-}"
+      timeout ${RUN_TIMEOUT:-420} python3 -m rtloop run --rate 20 --engine "$engine" --device cuda \
+        --checkpoint /tmp/ck7b --episodes "${EPISODES:-3}" --quiet --metrics-port 0 $([ "$mode" = sync ] && echo --sync) \
+        ${RUN_EXTRA:-} --trace "/tmp/libero-runs/$name/trace.jsonl" 2>&1 | grep -v -i warn | tail -22 | tee -a "$LOG"
+      nvidia-smi --query-gpu=memory.used --format=csv,noheader | sed "s/^/$name gpu memory after: /" | tee -a "$LOG"
+    done
+    tar -C /tmp/libero-runs -czf "$OUT/libero.tgz" . ;;
   esac
 done
 say "done"

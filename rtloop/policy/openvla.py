@@ -14,6 +14,7 @@ Stages (rtloop.policy.base.STAGES), each a `timed_stage` so profilers see the sa
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 
 from rtloop.policy.actions import ActionDetokenizer, default_unnorm_key, libero_gripper, resolve_unnorm_key
 from rtloop.policy.base import PolicyOutput
+from rtloop.policy.cuda_wait import set_cuda_wait
 from rtloop.policy.guards import Guards
 from rtloop.policy.model import OpenVLA
 from rtloop.policy.processor import (
@@ -35,6 +37,8 @@ from rtloop.policy.processor import (
 from rtloop.policy.tokenizer import load_tokenizer
 from rtloop.profiling.ranges import timed_stage
 from rtloop.sim.base import Observation
+
+log = logging.getLogger("rtloop")
 
 
 class OpenVLAPolicy:
@@ -52,15 +56,20 @@ class OpenVLAPolicy:
         prompt_template: str | None = None,
         rotate: bool = True,
         model: OpenVLA | None = None,
+        cuda_wait: str = "blocking",
     ):
         """`suite` is the LIBERO suite being run (None: not LIBERO); it picks the default unnorm_key
         (`<suite>` or `<suite>_no_noops`). `prompt_template` and `rotate=False` exist to study failures.
         `model`: an OpenVLA already on `device` (e.g. random 7B weights built in GPU memory); the checkpoint
-        directory then only supplies the tokenizer, and the config comes from the model."""
+        directory then only supplies the tokenizer, and the config comes from the model. `cuda_wait`: how the
+        host waits for the GPU, "blocking" (sleeps) or "spin" (rtloop.policy.cuda_wait)."""
         from rtloop.policy.checkpoint import load_checkpoint
         from rtloop.policy.engines import build_engine
 
         self.device = torch.device(device)
+        # before the first CUDA call makes the context (rtloop.policy.cuda_wait says why)
+        if self.device.type == "cuda" and (took := set_cuda_wait(cuda_wait)) != cuda_wait:
+            log.warning("rtloop: the GPU waits as CUDA chose, not %r: %s", cuda_wait, took)
         if model is None:
             loaded = load_checkpoint(checkpoint_dir, self.device, dtype)
             self.config, self.model = loaded.config, loaded.model

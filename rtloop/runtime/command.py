@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "GIL, or burning CPU in native code without it")
     p.add_argument("--policy-process", action="store_true",
                    help="run the policy in its own process (frames through shared memory), off the sim's GIL")
+    p.add_argument("--cuda-wait", choices=("blocking", "spin"), default="blocking",
+                   help="how the host waits for the GPU: sleeping in the driver (default) or spinning a core, which "
+                        "slows the sim's physics on other cores (README, real LIBERO on the GPU)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch intra-op threads (default on CPU, async: one core fewer than the machine has, so "
                         "the sim keeps a core; otherwise torch's default)")
@@ -182,7 +185,7 @@ def build_policy(args: argparse.Namespace, checkpoint: Path, device: str):
         torch.set_num_threads(args.torch_threads)
 
     policy = OpenVLAPolicy(checkpoint, unnorm_key=args.unnorm_key, suite=args.suite, device=device,
-                           engine=args.engine, center_crop=args.center_crop)
+                           engine=args.engine, center_crop=args.center_crop, cuda_wait=args.cuda_wait)
     if args.inject_delay > 0:
         policy = SlowPolicy(policy, args.inject_delay, args.inject_mode)
     return policy
@@ -256,6 +259,7 @@ def main(args: argparse.Namespace) -> int:
             "policy": policy.label, "random_weights": "RANDOM WEIGHTS" in policy.label, "sim": env.label,
             "instruction": env.instruction, "horizon": env.horizon, "steps_limit": config.steps_limit(env.horizon),
             "checkpoint": str(checkpoint), "device": device, "torch_threads": args.torch_threads,
+            "cuda_wait": args.cuda_wait if device.startswith("cuda") else None,
             "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
             "machine": machine(device), "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
