@@ -104,10 +104,10 @@ for step in $steps; do
     # async and --sync, full horizon. Traces and summaries under $OUT/libero.tgz.
     checkpoint7b
     mkdir -p "$OUT/alone"
-    for variant in "none" "cuda --torch-threads 16" "cuda --torch-threads 1" "cpu-torch --torch-threads 16"; do
+    for variant in ${ALONE_LOADS:-none cuda cuda-blocking cuda-process cpu-torch}; do
       say "LIBERO alone, load: $variant"
       timeout 120 python3 scripts/libero_alone.py --steps ${ALONE_STEPS:-100} --load $variant \
-        --out "$OUT/alone/$(echo "$variant" | tr -d ' -').json" 2>&1 | grep '^{' | tee -a "$LOG"
+        --out "$OUT/alone/$variant.json" 2>&1 | grep '^{' | tee -a "$LOG"
     done
     for spec in ${LIBERO_RUNS:-compiled+fp8:async compiled+fp8:sync compiled:async compiled:sync reference:async reference:sync}; do
       engine=${spec%%:*} mode=${spec##*:}
