@@ -271,8 +271,8 @@ def profile_document(samples: Samples, notes: str | None = None) -> dict:
 def add_latency_arguments(p: argparse.ArgumentParser) -> None:
     """The latency options of `rtloop run` and `rtloop sweep`; parse them with latency_model_from_args."""
     p.add_argument("--inject-delay", type=float, default=None, metavar="SECONDS",
-                   help="every inference takes SECONDS (a fixed latency model; on the wall clock the call is padded "
-                        "up to it, never shortened; 0 on the virtual clock: no delay)")
+                   help="every inference takes SECONDS (a fixed latency; on the wall clock the call is padded up "
+                        "to it, never shortened)")
     p.add_argument("--inject-mode", choices=("sleep", "spin-gil", "spin-nogil"), default="sleep",
                    help="wall clock: how the padding is spent: sleeping (default), burning CPU in Python holding the "
                         "GIL, or burning CPU in native code without it")
