@@ -234,6 +234,8 @@ def run_engine(policy, name: str, frames: list[Frame], args: argparse.Namespace,
         "stages": {s: percentiles(v) for s, v in stages.items()},
         "predict_action": percentiles(totals),
     }
+    # raw per-call seconds, for latency models (rtloop/runtime/latency.py): percentiles cannot be replayed
+    result["libero_image_samples_s"], result["predict_action_samples_s"] = stages[LIBERO_IMAGE], totals
     result["hz"] = round(1000.0 / result["predict_action"]["p50_ms"], 2)
     result["warmup_s"] = round(warmup_s, 1)
     result["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None

@@ -29,6 +29,10 @@ def test_bench_writes_the_comparable_report(tmp_path):
             assert 0 < timing["p50_ms"] <= timing["p95_ms"] <= timing["p99_ms"]
         assert result["hz"] == pytest.approx(1000 / result["predict_action"]["p50_ms"], rel=0.01)
         assert result["peak_mem_gb"] is None  # CPU: no allocator peak; the process RSS is reported instead
+        # the raw per-call seconds are kept (latency models replay them), and the percentiles are theirs
+        calls, prep = result["predict_action_samples_s"], result["libero_image_samples_s"]
+        assert len(calls) == len(prep) == 2
+        assert result["predict_action"]["p50_ms"] == pytest.approx(500 * (calls[0] + calls[1]), abs=1e-3)
     assert report["peak_rss_gb"] > 0
     assert report["kernels"]["pdl"] is False  # a CPU run launches no kernels, programmatically or otherwise
     assert report["kernels"]["prefill_splits"] == []  # the prefill split is CUDA streams: never on a CPU
@@ -39,6 +43,12 @@ def test_bench_writes_the_comparable_report(tmp_path):
     assert "| reference |" in table and "| eager |" in table and "floor" in table and "PDL off" in table
     assert "prefill GEMMs whole" in table
     assert "| eager |" in r.stdout  # the same table on screen
+    from rtloop.runtime.latency import latency_model_from_args
+
+    eager = report["engines"]["eager"]
+    model = latency_model_from_args(None, f"{out}.json:eager", None, seed=0, order="recorded")
+    assert model.label == f"empirical: eager on {report['device']} ({out}.json, 2 samples, recorded order)"
+    assert model.sample(1) == eager["libero_image_samples_s"][1] + eager["predict_action_samples_s"][1]
 
 
 @pytest.mark.parametrize(

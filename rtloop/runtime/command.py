@@ -22,6 +22,8 @@ TINY_CACHE_NAME = "openvla-tiny-random"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from rtloop.runtime.latency import add_latency_arguments
+
     p.add_argument("--rate", type=float, default=20.0, help="sim ticks per second (default 20)")
     p.add_argument("--suite", default="libero_object", help="LIBERO suite (default libero_object)")
     p.add_argument("--task", type=int, default=0, help="task id within the suite (default 0)")
@@ -46,11 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sim", choices=("libero", "replay"), default="libero",
                    help="libero, or replay of recorded LIBERO frames (needs --replay)")
     p.add_argument("--replay", type=Path, default=None, help="recorded frames for --sim replay (default: the recording shipped in tests/data)")
-    p.add_argument("--inject-delay", type=float, default=0.0, metavar="SECONDS",
-                   help="add this much latency to every inference (to study held actions and drops)")
-    p.add_argument("--inject-mode", choices=("sleep", "spin-gil", "spin-nogil"), default="sleep",
-                   help="how the injected delay is spent: sleeping (default), burning CPU in Python holding the "
-                        "GIL, or burning CPU in native code without it")
+    add_latency_arguments(p)
     p.add_argument("--policy-process", action="store_true",
                    help="run the policy in its own process (frames through shared memory), off the sim's GIL")
     p.add_argument("--cuda-wait", choices=("blocking", "spin"), default="blocking",
@@ -107,8 +105,10 @@ def validate(args: argparse.Namespace) -> None:
         raise InputError(f"--max-steps must be >= 1 (got {args.max_steps})")
     if args.torch_threads is not None and args.torch_threads < 1:
         raise InputError(f"--torch-threads must be >= 1 (got {args.torch_threads})")
-    if args.inject_delay < 0:
-        raise InputError(f"--inject-delay must be >= 0 (got {args.inject_delay:g})")
+    from rtloop.runtime.latency import latency_model_from_args
+
+    args._latency = latency_model_from_args(args.inject_delay, args.latency_profile, args.latency_scale, args.seed,
+                                            args.latency_order)
     if not 0 <= args.metrics_port <= 65535:
         raise InputError(f"--metrics-port must be 0..65535 (got {args.metrics_port})")
     if args.replay is not None and not args.replay.exists():
@@ -179,6 +179,7 @@ def build_policy(args: argparse.Namespace, checkpoint: Path, device: str):
     import torch
 
     from rtloop.policy.openvla import OpenVLAPolicy
+    from rtloop.runtime.latency import MeasuredLatency
     from rtloop.runtime.slow import SlowPolicy
 
     if args.torch_threads is not None:
@@ -186,8 +187,8 @@ def build_policy(args: argparse.Namespace, checkpoint: Path, device: str):
 
     policy = OpenVLAPolicy(checkpoint, unnorm_key=args.unnorm_key, suite=args.suite, device=device,
                            engine=args.engine, center_crop=args.center_crop, cuda_wait=args.cuda_wait)
-    if args.inject_delay > 0:
-        policy = SlowPolicy(policy, args.inject_delay, args.inject_mode)
+    if not isinstance(args._latency, MeasuredLatency):  # the policy's own time needs no padding
+        policy = SlowPolicy(policy, args._latency, args.inject_mode)
     return policy
 
 
@@ -260,6 +261,7 @@ def main(args: argparse.Namespace) -> int:
             "instruction": env.instruction, "horizon": env.horizon, "steps_limit": config.steps_limit(env.horizon),
             "checkpoint": str(checkpoint), "device": device, "torch_threads": args.torch_threads,
             "cuda_wait": args.cuda_wait if device.startswith("cuda") else None,
+            "latency": args._latency.describe(),
             "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
             "machine": machine(device), "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
