@@ -17,7 +17,7 @@ from pathlib import Path
 from rtloop.metrics.promapi import free_port
 
 DATA = Path(__file__).parents[1] / "data" / "libero_object_frames.npz"
-MAX_MESSAGE_BYTES = 300_000  # a 256x256x3 frame (192 KiB) fits, 300 kB + 1 does not
+MAX_MESSAGE_BYTES = 400_000  # a 256x256 frame (192 KiB) and openpi's two 224 images (294 KiB) fit
 
 
 @dataclass
