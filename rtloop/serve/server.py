@@ -195,6 +195,7 @@ class PolicyServer:
     async def _handle(self, ws: ServerConnection) -> None:
         m = self.metrics
         m.connections.inc()
+        closed = asyncio.ensure_future(ws.wait_closed())  # one per connection: a client leaving mid-request
         try:
             await ws.send(self._metadata)
             async for message in ws:
@@ -205,9 +206,7 @@ class PolicyServer:
                     return await self._refuse(ws, e.kind, str(e))
                 decoded = clock.now()
                 job = asyncio.wrap_future(self.worker.submit(request))
-                closed = asyncio.ensure_future(ws.wait_closed())
                 await asyncio.wait((job, closed), return_when=asyncio.FIRST_COMPLETED)
-                closed.cancel()
                 if not job.done():  # the client left mid-request: drop the job if it has not started
                     job.cancel()
                     self._count_error("disconnected", f"{ws.remote_address} left mid-request")
@@ -237,4 +236,5 @@ class PolicyServer:
             elif e.rcvd is None:  # no closing handshake: the client vanished
                 self._count_error("disconnected", f"{ws.remote_address} dropped the connection")
         finally:
+            closed.cancel()
             m.connections.dec()
