@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "bench": ("rtloop.bench", "time predict_action per stage for each inference engine"),
     "profile": ("rtloop.profiling.command", "run `rtloop run` under py-spy and the torch profiler"),
     "checkpoint": ("rtloop.policy.checkpoint_command", "make or inspect OpenVLA checkpoint directories"),
+    "serve": ("rtloop.serve.command", "serve OpenVLA over openpi's websocket protocol"),
 }
 
 
