@@ -83,16 +83,21 @@ class EpisodeRunner:
     def _prepare(self, args: argparse.Namespace, episode: int) -> None:
         from rtloop.runtime import command
 
+        # The policy before the env: built the other way round, importing triton (the policy's kernels)
+        # after a LIBERO env made its EGL context segfaults on the 2-core CPU machine (Mesa's software
+        # renderer loads its own LLVM first). `rtloop run` builds both at once and the env is slower.
+        policy_key = _options_key(args, sorted(set(vars(args)) - set(NOT_POLICY_OPTIONS)))
+        new_policy = policy_key != self.policy_key
+        if new_policy:
+            self._close_policy()
+            self.policy = self.policy_thread.call(command.build_policy, args, args.checkpoint, args.device)
+            self.policy_key = policy_key
         env_key = _options_key(args, ENV_OPTIONS)
         if env_key != self.env_key:
             self._close_env()
             self.env = self.sim_thread.call(command.build_env, args)
             self.env_key = env_key
-        policy_key = _options_key(args, sorted(set(vars(args)) - set(NOT_POLICY_OPTIONS)))
-        if policy_key != self.policy_key:
-            self._close_policy()
-            self.policy = self.policy_thread.call(command.build_policy, args, args.checkpoint, args.device)
-            self.policy_key = policy_key
+        if new_policy:
             first = self.sim_thread.call(self.env.reset, episode)
             self.policy_thread.call(self.policy.warmup, first, self.env.instruction)
 

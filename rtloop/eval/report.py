@@ -127,7 +127,8 @@ def plot_success_vs_latency(doc: dict, path: Path) -> None:
     ax.set_ylabel("success rate (%), Wilson 95% band")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.legend(title="mode")
+    if ax.lines:
+        ax.legend(title="mode")
     # the cells' labels differ only in their latency suffix: the common part names the policy
     policy = os.path.commonprefix(doc["policy"]).rstrip(" +") or "; ".join(doc["policy"]) or "no episodes yet"
     subtitle = textwrap.fill(f"{policy} | {'; '.join(doc['sim'])}", 110)
