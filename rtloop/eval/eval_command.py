@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import argparse
 
-# How the episodes are run. A batched fleet (one policy serving N envs) or Ray actors take the same
-# arguments as rtloop.eval.pool.run_episodes and are added here.
-BACKENDS = ("local",)
+
+def backends() -> dict:
+    """--backend -> how the episodes run: a function with rtloop.eval.pool.run_episodes's signature. A batched
+    fleet (one policy serving N envs) or Ray actors go here; a backend the choices name but this dict lacks
+    is refused with one line."""
+    from rtloop.eval.pool import run_episodes
+
+    return {"local": run_episodes}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,7 +54,8 @@ def main(args: argparse.Namespace) -> int:
     from rtloop.errors import InputError
     from rtloop.eval import grid, report, session
 
-    if args.backend not in BACKENDS:
+    runner = backends().get(args.backend)
+    if runner is None:
         raise InputError(f"--backend {args.backend} is not in rtloop yet (the local worker pool is)")
     if args.address is not None:
         raise InputError("--address is for --backend ray")
@@ -63,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
     specs = session.prepare_specs(cells, tasks, args.checkpoint, workers, args.out / "traces" if args.traces else None)
     keys = grid.episode_keys(cells, tasks, episodes)
 
-    outcome = session.run_session(args.out, {"cells": cells}, specs, keys, workers, f"eval {args.suite}")
+    outcome = session.run_session(args.out, {"cells": cells}, specs, keys, workers, f"eval {args.suite}", runner)
     throughput = {"episodes": outcome.ran, "wall_s": outcome.wall_s, "workers": workers,
                   "episodes_per_hour": 3600 * outcome.ran / outcome.wall_s if outcome.ran else None,
                   "includes": "worker start, env and policy builds"}

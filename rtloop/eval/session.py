@@ -107,7 +107,10 @@ class Outcome:
     interrupted: bool
 
 
-def run_session(out: Path, grid: dict, specs: dict[str, dict], keys: list[Key], workers: int, title: str) -> Outcome:
+def run_session(out: Path, grid: dict, specs: dict[str, dict], keys: list[Key], workers: int, title: str,
+                runner=run_episodes) -> Outcome:
+    """Run the keys not done yet with runner(specs, keys, workers, on_row, log_path), the local worker pool
+    by default, appending each row as it comes."""
     results = ResultsFile(out / "results.jsonl", grid)
     done = results.done()
     todo = [k for k in keys if k not in done]
@@ -126,7 +129,7 @@ def run_session(out: Path, grid: dict, specs: dict[str, dict], keys: list[Key], 
     interrupted = False
     try:
         if todo:
-            run_episodes(specs, todo, min(workers, len(todo)), on_row, str(out / "workers.log"))
+            runner(specs, todo, min(workers, len(todo)), on_row, str(out / "workers.log"))
     except KeyboardInterrupt:
         interrupted = True
     finally:

@@ -26,6 +26,8 @@ COLOURS = {"fresh": "#2ca02c", "held": "#ff7f0e", "dummy": "#9a9a9a"}
 CHROME_COLOURS = {"fresh": "good", "held": "bad", "dummy": "grey"}  # chrome://tracing reserved names
 STAGE_COLOURS = {"processor": "#9467bd", "generate": "#1f77b4", "detokenize": "#17becf", "injected_delay": "#d62728"}
 TRACKS = {"frames": 1, "inference": 2, "sim ticks": 3}  # Perfetto thread ids, top to bottom
+# One category for every event: viewers that bind a flow to a slice by (cat, pid, tid, ts) find them
+CAT = "rtloop"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -122,47 +124,51 @@ def chrome_trace(ep: Episode, lo: float, hi: float) -> dict:
         ev.append({"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": name}})
         ev.append({"ph": "M", "pid": pid, "tid": tid, "name": "thread_sort_index", "args": {"sort_index": tid}})
     frames_tid, inf_tid, tick_tid = TRACKS["frames"], TRACKS["inference"], TRACKS["sim ticks"]
+    shown = {r["seq"] for r in ep.inferences if in_window(r["t_start"], r["t_end"], lo, hi)}  # arrows need both ends
     for f in ep.frames:
         if not in_window(f.captured, f.left, lo, hi):
             continue
         name = f"frame {f.seq}" + (" (dropped)" if f.used_by is None else "")
-        ev.append({"ph": "X", "pid": pid, "tid": frames_tid, "name": name, "cat": "mailbox", "ts": _us(f.captured),
+        ev.append({"ph": "X", "pid": pid, "tid": frames_tid, "name": name, "cat": CAT, "ts": _us(f.captured),
                    "dur": max(1.0, _us(f.left - f.captured)), "args": {"frame_seq": f.seq, "used_by": f.used_by}})
-        ev.append({"ph": "i", "s": "t", "pid": pid, "tid": frames_tid, "name": "capture", "cat": "frame",
+        ev.append({"ph": "i", "s": "t", "pid": pid, "tid": frames_tid, "name": "capture", "cat": CAT,
                    "ts": _us(f.captured), "args": {"frame_seq": f.seq}})
-        if f.used_by is not None:  # arrow: frame -> the inference that read it
-            ev.append({"ph": "s", "pid": pid, "tid": frames_tid, "name": "frame -> inference", "cat": "flow",
+        if f.used_by in shown:  # arrow: frame -> the inference that read it
+            ev.append({"ph": "s", "pid": pid, "tid": frames_tid, "name": "frame -> inference", "cat": CAT,
                        "id": f"frame{f.seq}", "ts": _us(f.captured)})
-            ev.append({"ph": "f", "bp": "e", "pid": pid, "tid": inf_tid, "name": "frame -> inference", "cat": "flow",
+            ev.append({"ph": "f", "bp": "e", "pid": pid, "tid": inf_tid, "name": "frame -> inference", "cat": CAT,
                        "id": f"frame{f.seq}", "ts": _us(f.left)})
     for inf in ep.inferences:
-        if not in_window(inf["t_start"], inf["t_end"], lo, hi):
+        if inf["seq"] not in shown:
             continue
         dur = max(1.0, _us(inf["t_end"] - inf["t_start"]))
-        ev.append({"ph": "X", "pid": pid, "tid": inf_tid, "name": f"inference {inf['seq']}", "cat": "inference",
+        ev.append({"ph": "X", "pid": pid, "tid": inf_tid, "name": f"inference {inf['seq']}", "cat": CAT,
                    "ts": _us(inf["t_start"]), "dur": dur,
                    "args": {"frame_seq": inf["frame_seq"], "frame_age_ms": 1e3 * inf["frame_age_s"],
                             "queue_wait_ms": 1e3 * inf["queue_wait_s"]}})
-        for name, s, e in stage_spans(inf):
-            ev.append({"ph": "X", "pid": pid, "tid": inf_tid, "name": name, "cat": "stage", "ts": _us(s),
+        spans = stage_spans(inf)
+        for name, s, e in spans:
+            ev.append({"ph": "X", "pid": pid, "tid": inf_tid, "name": name, "cat": CAT, "ts": _us(s),
                        "dur": max(0.0, _us(e - s))})
         tick = ep.applied_at(inf["seq"])
-        if tick is not None:  # arrow: inference -> the tick that first applied its action
-            ev.append({"ph": "s", "pid": pid, "tid": inf_tid, "name": "action -> tick", "cat": "flow",
-                       "id": f"action{inf['seq']}", "ts": _us(inf["t_start"]) + dur - 1})
-            ev.append({"ph": "f", "bp": "e", "pid": pid, "tid": tick_tid, "name": "action -> tick", "cat": "flow",
-                       "id": f"action{inf['seq']}", "ts": _us(tick["step_start"])})
+        if tick is not None and in_window(tick["t_start"], tick["slot_end"], lo, hi):
+            # arrow: from the call's last stage to the tick that first applied its action
+            last_start = spans[-1][1] if spans else inf["t_start"]
+            ev.append({"ph": "s", "pid": pid, "tid": inf_tid, "name": "action -> tick", "cat": CAT,
+                       "id": f"action{inf['seq']}", "ts": _us(last_start)})
+            ev.append({"ph": "f", "bp": "e", "pid": pid, "tid": tick_tid, "name": "action -> tick", "cat": CAT,
+                       "id": f"action{inf['seq']}", "ts": _us(tick["t_start"])})
     for t in ep.ticks:
         if not in_window(t["t_start"], t["slot_end"], lo, hi):
             continue
         source = t["action_source"]
         age = None if t["action_age_s"] is None else 1e3 * t["action_age_s"]
-        ev.append({"ph": "X", "pid": pid, "tid": tick_tid, "name": source, "cat": "tick", "cname": CHROME_COLOURS[source],
+        ev.append({"ph": "X", "pid": pid, "tid": tick_tid, "name": source, "cat": CAT, "cname": CHROME_COLOURS[source],
                    "ts": _us(t["t_start"]), "dur": max(1.0, _us(t["slot_end"] - t["t_start"])),
                    "args": {"step": t["step"], "action_seq": t["action_seq"], "action_age_ms": age,
                             "published_frame": t["frame_seq"], "overrun_ms": 1e3 * t["overrun_s"],
                             "lateness_ms": 1e3 * t["lateness_s"]}})
-        ev.append({"ph": "X", "pid": pid, "tid": tick_tid, "name": "env.step", "cat": "tick",
+        ev.append({"ph": "X", "pid": pid, "tid": tick_tid, "name": "env.step", "cat": CAT,
                    "ts": _us(t["step_start"]), "dur": max(0.0, _us(t["t_end"] - t["step_start"]))})
         if age is not None:
             ev.append({"ph": "C", "pid": pid, "name": "action age (ms)", "ts": _us(t["step_start"]), "args": {"age": age}})

@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 
 from rtloop.cli import main as rtloop_main
+from rtloop.runtime.timeline import TRACKS
 
 pytestmark = pytest.mark.slow
 
@@ -81,13 +82,47 @@ def timeline_of_a_held_action_cell(trace, prefix):
     names = {e["args"]["name"] for e in events if e["name"] == "thread_name"}
     assert names == {"frames", "inference", "sim ticks"}
     slices = [e for e in events if e["ph"] == "X"]
-    tick_names = Counter(e["name"] for e in slices if e["cat"] == "tick")
+    track = {name: [e for e in slices if e["tid"] == tid] for name, tid in TRACKS.items()}
+    tick_names = Counter(e["name"] for e in track["sim ticks"])
     assert tick_names["fresh"] >= 1 and tick_names["held"] >= 1 and tick_names["env.step"] >= 10
-    assert {e["name"] for e in slices if e["cat"] == "stage"} >= {"processor", "generate", "detokenize", "injected_delay"}
-    assert any(e["name"].endswith("(dropped)") for e in slices if e["cat"] == "mailbox")  # 100 ms > one tick
-    assert sum(e["ph"] == "i" for e in events) == sum(e["cat"] == "mailbox" for e in slices)
+    assert {e["name"] for e in track["inference"]} >= {"processor", "generate", "detokenize", "injected_delay"}
+    assert any(e["name"].endswith("(dropped)") for e in track["frames"])  # 100 ms is longer than a tick
+    assert sum(e["ph"] == "i" for e in events) == len(track["frames"])  # a capture instant per frame
+    slice_starts = {(e["tid"], e["ts"]) for e in slices}
+    assert all((e["tid"], e["ts"]) in slice_starts for e in events if e["ph"] in "sf")  # flows sit on slices
     starts = Counter(e["id"] for e in events if e["ph"] == "s")
     ends = Counter(e["id"] for e in events if e["ph"] == "f")
     assert starts == ends and any(i.startswith("frame") for i in starts) and any(i.startswith("action") for i in starts)
     ages = [e["args"]["age"] for e in events if e["ph"] == "C"]
     assert ages and min(ages) > 100  # every applied action is older than the injected delay
+
+
+def test_eval_writes_a_per_task_table_with_throughput(tiny_checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "-m", "rtloop", "eval", "--sim", "replay", "--tasks", "0,2", "--episodes", "2",
+                           "--max-steps", "5", "--envs", "1", "--checkpoint", str(tiny_checkpoint), "--out", str(out)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((out / "table.json").read_text())
+    assert [t["task"] for t in doc["tasks"]] == [0, 2] and all(t["episodes"] == 2 for t in doc["tasks"])
+    assert doc["tasks"][0]["instruction"] == "pick up the alphabet soup and place it in the basket"
+    assert doc["total"]["episodes"] == 4 and doc["throughput"]["episodes"] == 4
+    assert doc["throughput"]["episodes_per_hour"] > 0
+    assert "episodes per hour" in (out / "table.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--backend", "ray"], "--backend ray is not in rtloop yet"),
+    (["eval", "--envs", "4096"], "more than this machine's"),
+    (["eval", "--episodes", "51"], "--episodes must be 1..50"),
+    (["sweep", "--latency", "0.1,-0.05"], "must be >= 0 (got -0.05)"),
+    (["sweep", "--mode", "async,later"], "unknown mode 'later'"),
+    (["sweep", "--clock", "virtual"], "the virtual clock (--clock virtual) is not in the runtime yet"),
+    (["timeline", "no/such/trace.jsonl"], "no such trace file"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    out = [] if argv[0] == "timeline" else ["--out", str(tmp_path / "out")]
+    assert rtloop_main([*argv, *out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rtloop: error: ") and message in err[0]
+    assert not (tmp_path / "out").exists()
