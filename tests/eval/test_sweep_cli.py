@@ -16,11 +16,16 @@ from rtloop.runtime.timeline import TRACKS
 
 pytestmark = pytest.mark.slow
 
+STEPS = 8  # 0.4 s at 20 Hz: a 100 ms delay still holds actions and drops frames
 GRID = ["--latency", "0,0.1", "--mode", "async,sync", "--tasks", "0", "--episodes", "2"]
 
 
 def sweep_cmd(tiny_checkpoint, out, *grid):
-    return [sys.executable, "-m", "rtloop", "sweep", *grid, "--sim", "replay", "--max-steps", "16",
+    return [sys.executable, "-m", "rtloop", *sweep_args(tiny_checkpoint, out, *grid)]
+
+
+def sweep_args(tiny_checkpoint, out, *grid):
+    return ["sweep", *grid, "--sim", "replay", "--max-steps", str(STEPS),
             "--checkpoint", str(tiny_checkpoint), "--workers", "1", "--traces", "--out", str(out)]
 
 
@@ -54,7 +59,7 @@ def test_sweep_is_interrupted_resumes_and_writes_its_table_and_plot(tiny_checkpo
     keys = Counter((r["cell"], r["task"], r["episode"]) for r in rows)
     assert len(keys) == 8 and set(keys.values()) == {1}  # nothing run twice
     for r in rows:
-        assert r["steps"] == 16 and r["ticks"] == 16 and "RANDOM WEIGHTS" in r["policy"] and "replay" in r["sim"]
+        assert r["steps"] == STEPS and r["ticks"] == STEPS and "RANDOM WEIGHTS" in r["policy"] and "replay" in r["sim"]
 
     doc = json.loads((out / "table.json").read_text())
     cells = {c["cell"]: c for c in doc["cells"]}
@@ -66,17 +71,21 @@ def test_sweep_is_interrupted_resumes_and_writes_its_table_and_plot(tiny_checkpo
     assert "| async | 100 ms | 2 |" in (out / "table.md").read_text()
     assert (out / "success_vs_latency.png").read_bytes()[:4] == b"\x89PNG"
 
-    refused = subprocess.run(sweep_cmd(tiny_checkpoint, out, "--latency", "0,0.2", "--episodes", "2"),
-                             capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2
-    errors = [line for line in refused.stderr.splitlines() if line.startswith("rtloop: error")]
-    assert len(errors) == 1 and "belongs to a different grid" in errors[0]
-
     timeline_of_a_held_action_cell(out / "traces" / "async_100ms" / "task0-ep0.jsonl", tmp_path / "tl")
 
 
+def test_a_results_file_of_another_grid_is_refused(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    grid = {"cells": {"async 0ms": {"mode": "async", "latency_s": 0.0, "run": {"rate": 20.0}}}}
+    (out / "results.jsonl").write_text(json.dumps({"kind": "grid", "grid": grid}) + "\n")
+    assert rtloop_main(sweep_args(tiny_checkpoint, out, "--latency", "0", "--mode", "async")) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("rtloop: error: ") and "belongs to a different grid" in errors[0]
+
+
 def timeline_of_a_held_action_cell(trace, prefix):
-    assert rtloop_main(["timeline", str(trace), "--start", "0", "--end", "0.6", "--out", str(prefix)]) == 0
+    assert rtloop_main(["timeline", str(trace), "--start", "0", "--end", "1", "--out", str(prefix)]) == 0
     assert prefix.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     events = json.loads(prefix.with_suffix(".json").read_text())["traceEvents"]
     names = {e["args"]["name"] for e in events if e["name"] == "thread_name"}
@@ -84,7 +93,7 @@ def timeline_of_a_held_action_cell(trace, prefix):
     slices = [e for e in events if e["ph"] == "X"]
     track = {name: [e for e in slices if e["tid"] == tid] for name, tid in TRACKS.items()}
     tick_names = Counter(e["name"] for e in track["sim ticks"])
-    assert tick_names["fresh"] >= 1 and tick_names["held"] >= 1 and tick_names["env.step"] >= 10
+    assert tick_names["fresh"] >= 1 and tick_names["held"] >= 1 and tick_names["env.step"] == STEPS
     assert {e["name"] for e in track["inference"]} >= {"processor", "generate", "detokenize", "injected_delay"}
     assert any(e["name"].endswith("(dropped)") for e in track["frames"])  # 100 ms is longer than a tick
     assert sum(e["ph"] == "i" for e in events) == len(track["frames"])  # a capture instant per frame
