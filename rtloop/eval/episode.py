@@ -27,11 +27,9 @@ from rtloop.errors import InputError
 NOT_YET_IN_RUNTIME = {
     "clock": "the virtual clock (--clock virtual)",
     "policy": "policies other than openvla (--policy)",
-    "latency_profile": "latency profiles (--latency-profile)",
-    "latency_scale": "latency scaling (--latency-scale)",
 }
 ENV_OPTIONS = ("sim", "suite", "task", "seed", "replay")  # the env depends on these alone
-NOT_POLICY_OPTIONS = ("sim", "task", "seed", "replay", "rate", "max_steps", "sync")  # the policy on none of these
+NOT_POLICY_OPTIONS = ("sim", "task", "replay", "rate", "max_steps", "sync")  # the policy on none of these
 
 
 def check_spec(spec: dict) -> None:
@@ -86,7 +84,8 @@ class EpisodeRunner:
         # The policy before the env: built the other way round, importing triton (the policy's kernels)
         # after a LIBERO env made its EGL context segfaults on the 2-core CPU machine (Mesa's software
         # renderer loads its own LLVM first). `rtloop run` builds both at once and the env is slower.
-        policy_key = _options_key(args, sorted(set(vars(args)) - set(NOT_POLICY_OPTIONS)))
+        # validate's derived objects (args._latency) are left out: the options that made them are in
+        policy_key = _options_key(args, sorted(n for n in vars(args) if n not in NOT_POLICY_OPTIONS and n[0] != "_"))
         new_policy = policy_key != self.policy_key
         if new_policy:
             self._close_policy()
@@ -123,7 +122,8 @@ class EpisodeRunner:
             "cell": spec["cell"], "rate": args.rate, "suite": self.env.suite, "task": task, "sync": args.sync,
             "policy": self.policy.label, "sim": self.env.label, "instruction": self.env.instruction,
             "horizon": self.env.horizon, "steps_limit": config.steps_limit(self.env.horizon),
-            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "latency": args._latency.describe(),
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not k.startswith("_")},
         })
         runtime = Runtime(self.env, self.policy, self.sim_thread, self.policy_thread, fanout, config)
         t0 = time.monotonic()

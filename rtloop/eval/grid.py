@@ -1,13 +1,12 @@
 """The cells of a sweep and the episodes of each.
 
 A cell is what an episode needs beyond (task, episode): its mode, its latency and the `rtloop run` options
-that make it (argparse names: sync, inject_delay, rate, sim, checkpoint, ...). Cells are named
-"async 50ms", "sync compiled-h200" (a latency profile's file stem); an episode's key is (cell, task, episode).
+that make it (argparse names: sync, inject_delay, latency_profile, rate, sim, checkpoint, ...). Cells are
+named "async 50ms", "sync h200-compiled" (a latency profile's file stem); an episode's key is
+(cell, task, episode).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from rtloop.errors import InputError
 
@@ -54,21 +53,32 @@ def latency_name(seconds: float) -> str:
     return f"{seconds * 1000:g}ms"
 
 
-def sweep_cells(latencies: list[float], profiles: list[Path], modes: list[str], run: dict) -> dict[str, dict]:
+def profile_name(spec: str) -> str:
+    """"profiles/latency/h200-compiled.json" -> "h200-compiled"; "bench.json:compiled+fp8" -> "bench:compiled+fp8"."""
+    from rtloop.runtime.latency import split_profile_spec
+
+    path, engine = split_profile_spec(spec)
+    return path.stem + (f":{engine}" if engine else "")
+
+
+def sweep_cells(latencies: list[float], profiles: dict[str, float], modes: list[str], run: dict,
+                profile_run: dict) -> dict[str, dict]:
     """mode x latency, each cell with the `rtloop run` options that make it. `run` holds the options all
-    cells share."""
-    stems = [p.stem for p in profiles]
-    if len(set(stems)) < len(stems):
-        raise InputError(f"--latency-profile files must have distinct names (got {', '.join(stems)})")
+    cells share, `profile_run` those of the profile cells (order, scale); `profiles` maps each
+    --latency-profile spec to its median latency (scaled), where the plot puts it."""
+    names = [profile_name(spec) for spec in profiles]
+    if len(set(names)) < len(names):
+        raise InputError(f"--latency-profile files must have distinct names (got {', '.join(names)})")
     cells: dict[str, dict] = {}
     for mode in modes:
         sync = mode == "sync"
         for seconds in latencies:
             cells[f"{mode} {latency_name(seconds)}"] = {
                 "mode": mode, "latency_s": seconds, "run": {**run, "sync": sync, "inject_delay": seconds}}
-        for path in profiles:
-            cells[f"{mode} {path.stem}"] = {
-                "mode": mode, "latency_profile": str(path), "run": {**run, "sync": sync, "latency_profile": str(path)}}
+        for name, (spec, p50) in zip(names, profiles.items()):
+            cells[f"{mode} {name}"] = {
+                "mode": mode, "latency_profile": spec, "latency_p50_s": p50,
+                "run": {**run, **profile_run, "sync": sync, "latency_profile": spec}}
     return cells
 
 

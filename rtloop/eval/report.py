@@ -59,13 +59,16 @@ def sweep_tables(cells: dict[str, dict], rows: list[dict], notes: list[str]) -> 
     table = []
     for name, cell in cells.items():
         a = by_cell.get(name) or aggregate([])
-        latency = cell.get("latency_profile") or f"{1e3 * cell['latency_s']:g} ms"
+        if "latency_profile" in cell:
+            latency = f"{cell['latency_profile']} (p50 {1e3 * cell['latency_p50_s']:.0f} ms)"
+        else:
+            latency = f"{1e3 * cell['latency_s']:g} ms"
         steps = "-" if a["steps_mean"] is None else f"{a['steps_mean']:.1f}"
         md.append(f"| {cell['mode']} | {latency} | {a['episodes']} | {_success(a)} | {_ci(a['ci95'])} | "
                   f"{_pct(a['fresh_fraction'])} | {_ms(a['action_age_p50_s'])} / {_ms(a['action_age_p95_s'])} | "
                   f"{steps} | {a['errors']} |")
         table.append({"cell": name, "mode": cell["mode"], "latency_s": cell.get("latency_s"),
-                      "latency_profile": cell.get("latency_profile"), **a,
+                      "latency_profile": cell.get("latency_profile"), "latency_p50_s": cell.get("latency_p50_s"), **a,
                       "per_task": {str(t): v for t, v in sorted(per_task[name].items())}})
     md += alert_lines(rows)
     doc = {"kind": "sweep", "policy": labels(rows, "policy"), "sim": labels(rows, "sim"), "notes": notes,
@@ -106,31 +109,45 @@ def write_tables(out: Path, md: str, doc: dict) -> None:
 
 
 def plot_success_vs_latency(doc: dict, path: Path) -> None:
-    """Success rate against latency, one line per mode, the Wilson 95% band around it. Cells with a
-    latency profile have no single latency value and are in the tables only."""
+    """Success rate against latency: per mode, a line through the fixed latencies with the Wilson 95% band
+    around it, and each latency profile as a point at its median latency with its interval as an error bar
+    (a distribution, not on the line)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    profiles: set[tuple[str, float]] = set()
     for mode in dict.fromkeys(c["mode"] for c in doc["cells"]):
-        cells = sorted((c for c in doc["cells"] if c["mode"] == mode and c["latency_s"] is not None
-                        and c["episodes"]), key=lambda c: c["latency_s"])
-        if not cells:
-            continue
-        x = [1e3 * c["latency_s"] for c in cells]
-        (line,) = ax.plot(x, [100 * c["success_rate"] for c in cells], marker="o", label=mode)
-        ax.fill_between(x, [100 * c["ci95"][0] for c in cells], [100 * c["ci95"][1] for c in cells],
-                        color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_xlabel("latency per inference (ms)")
+        done = [c for c in doc["cells"] if c["mode"] == mode and c["episodes"]]
+        fixed = sorted((c for c in done if c["latency_s"] is not None), key=lambda c: c["latency_s"])
+        colour = None
+        if fixed:
+            x = [1e3 * c["latency_s"] for c in fixed]
+            (line,) = ax.plot(x, [100 * c["success_rate"] for c in fixed], marker="o", label=mode)
+            colour = line.get_color()
+            ax.fill_between(x, [100 * c["ci95"][0] for c in fixed], [100 * c["ci95"][1] for c in fixed],
+                            color=colour, alpha=0.2, linewidth=0)
+        for c in (c for c in done if c["latency_profile"] is not None):
+            y, (lo, hi) = 100 * c["success_rate"], c["ci95"]
+            bar = ax.errorbar([1e3 * c["latency_p50_s"]], [y], yerr=[[y - 100 * lo], [100 * hi - y]], fmt="D",
+                              color=colour, capsize=3, label=None if fixed else mode)
+            colour = bar.lines[0].get_color()
+            profiles.add((c["latency_profile"], c["latency_p50_s"]))
+    for spec, p50 in sorted(profiles):  # one label per profile, whatever the modes
+        ax.annotate(Path(spec.split(":")[0]).stem, (1e3 * p50, 101), rotation=90, va="top", ha="right", fontsize=7)
+    ax.set_xlabel("latency per inference (ms; a profile at its median)")
     ax.set_ylabel("success rate (%), Wilson 95% band")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(title="mode")
-    # the cells' labels differ only in their latency suffix: the common part names the policy
-    policy = os.path.commonprefix(doc["policy"]).rstrip(" +") or "; ".join(doc["policy"]) or "no episodes yet"
+    # the cells' labels differ only in their latency suffix: the common part, to its last ", ", names the policy
+    policy = os.path.commonprefix(doc["policy"])
+    if policy not in doc["policy"]:
+        policy = policy[: policy.rfind(", ")] if ", " in policy else "; ".join(doc["policy"])
+    policy = policy or "no episodes yet"
     subtitle = textwrap.fill(f"{policy} | {'; '.join(doc['sim'])}", 110)
     ax.set_title(f"success vs latency\n{subtitle}", fontsize=8)
     fig.tight_layout()

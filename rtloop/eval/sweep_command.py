@@ -10,21 +10,25 @@ by a rerun); 2 on bad input (one line, nothing started); 130 on Ctrl-C or SIGTER
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     import os
 
     from rtloop.eval.session import add_run_arguments
+    from rtloop.runtime.latency import ORDERS
 
     p.add_argument("--latency", default="0",
-                   help="latencies per inference in seconds, added to the model's own (--inject-delay), e.g. "
-                        "0,0.05,0.1 (default 0)")
-    p.add_argument("--latency-profile", type=Path, nargs="+", action="extend", default=[], metavar="FILE",
-                   help="latency profiles (trace or bench files) to replay, one cell each per mode")
-    p.add_argument("--latency-scale", type=float, default=1.0,
-                   help="scale every latency by this (a projection to a slower or faster machine)")
+                   help="fixed latencies per inference in seconds, e.g. 0,0.05,0.1 (default 0): each inference takes "
+                        "this long in total (`rtloop run --inject-delay`; on the wall clock a faster call is padded "
+                        "up to it, a slower one is not shortened); empty for none")
+    p.add_argument("--latency-profile", nargs="+", action="extend", default=[], metavar="FILE[:ENGINE]",
+                   help="recorded latencies to replay (profiles/latency/*.json, a bench JSON, a trace), one cell "
+                        "each per mode")
+    p.add_argument("--latency-scale", type=float, default=None, metavar="FACTOR",
+                   help="multiply the --latency-profile latencies by FACTOR: a PROJECTION, labelled so")
+    p.add_argument("--latency-order", choices=ORDERS, default="iid",
+                   help="how profile samples are drawn (as `rtloop run`; default iid, seeded by --seed)")
     p.add_argument("--mode", default="async,sync", help="async, sync or both (default async,sync)")
     p.add_argument("--tasks", default="0", help="task ids, e.g. 0-9 or 0,3 (default 0)")
     p.add_argument("--episodes", type=int, default=10, help="init states per task: 0..N-1 (default 10)")
@@ -34,31 +38,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from rtloop.errors import InputError
     from rtloop.eval import grid, report, session
+    from rtloop.runtime.latency import load_samples
 
     latencies = grid.parse_latencies(args.latency) if args.latency else []
     modes = grid.parse_modes(args.mode)
     tasks = grid.parse_ids(args.tasks, "--tasks")
     episodes = session.check_episodes(args.episodes)
     workers = session.check_workers(args.workers, "--workers")
-    for path in args.latency_profile:
-        if not path.is_file():
-            raise InputError(f"--latency-profile {path}: no such file")
     if not latencies and not args.latency_profile:
         raise InputError("nothing to sweep: give --latency values or --latency-profile files")
-    if not args.latency_scale > 0:
-        raise InputError(f"--latency-scale must be > 0 (got {args.latency_scale:g})")
-    shared = {**({"latency_scale": args.latency_scale} if args.latency_scale != 1.0 else {})}
-    cells = grid.sweep_cells(latencies, args.latency_profile, modes, {**shared, **session.run_options(args)})
+    if args.latency_scale is not None and not args.latency_profile:
+        raise InputError("--latency-scale projects the --latency-profile latencies; a fixed --latency is what it says")
+    scale = 1.0 if args.latency_scale is None else args.latency_scale
+    # where the plot puts a profile: its median, scaled (a bad file or scale: one line from rtloop run's checks)
+    profiles = {spec: float(np.median(load_samples(spec).seconds)) * scale for spec in args.latency_profile}
+    profile_run = {"latency_order": args.latency_order,
+                   **({} if args.latency_scale is None else {"latency_scale": args.latency_scale})}
+    cells = grid.sweep_cells(latencies, profiles, modes, session.run_options(args), profile_run)
     specs = session.prepare_specs(cells, tasks, args.checkpoint, workers, args.out / "traces" if args.traces else None)
     keys = grid.episode_keys(cells, tasks, episodes)
 
     outcome = session.run_session(args.out, {"cells": cells}, specs, keys, workers, "sweep")
     notes = [f"suite {args.suite}, tasks {args.tasks}, init states 0-{episodes[-1]} per task, {args.rate:g} Hz, "
              f"{args.clock} clock",
-             "latency: a delay added to every inference on top of the model's own time"
-             + (f", scaled x{args.latency_scale:g} (a projection)" if args.latency_scale != 1.0 else ""),
+             "latency: the total time of each inference" + (
+                 ", a call padded up to it and never shortened" if args.clock == "wall" else ""),
+             *([f"profiles scaled x{args.latency_scale:g}: a PROJECTION, not a measurement"]
+               if args.latency_scale is not None else []),
              "fresh: ticks that applied an action for the first time; 95% CI: Wilson score interval"]
     md, doc = report.sweep_tables(cells, outcome.rows, notes)
     report.write_tables(args.out, md, doc)

@@ -67,14 +67,19 @@ def test_parse_ids_latencies_modes():
 
 
 def test_sweep_cells_and_keys():
-    cells = grid.sweep_cells([0.0, 0.05], [], ["async", "sync"], {"rate": 20.0})
+    cells = grid.sweep_cells([0.0, 0.05], {}, ["async", "sync"], {"rate": 20.0}, {})
     assert list(cells) == ["async 0ms", "async 50ms", "sync 0ms", "sync 50ms"]
     assert cells["sync 50ms"]["run"] == {"rate": 20.0, "sync": True, "inject_delay": 0.05}
+    profiled = grid.sweep_cells([], {"bench.json:compiled+fp8": 0.024}, ["sync"], {"rate": 20.0},
+                                {"latency_scale": 2.0})
+    assert profiled == {"sync bench:compiled+fp8": {
+        "mode": "sync", "latency_profile": "bench.json:compiled+fp8", "latency_p50_s": 0.024,
+        "run": {"rate": 20.0, "latency_scale": 2.0, "sync": True, "latency_profile": "bench.json:compiled+fp8"}}}
     keys = grid.episode_keys(cells, [0, 1], [0, 1])
     assert len(keys) == 16 and keys[:3] == [("async 0ms", 0, 0), ("async 0ms", 0, 1), ("async 0ms", 1, 0)]
 
 
-GRID = {"cells": grid.sweep_cells([0.0], [], ["async"], {"rate": 20.0})}
+GRID = {"cells": grid.sweep_cells([0.0], {}, ["async"], {"rate": 20.0}, {})}
 
 
 def test_results_file_resumes_and_retries_errors(tmp_path):
@@ -107,10 +112,10 @@ def test_results_file_drops_a_torn_last_line(tmp_path):
 def test_results_file_of_another_grid_is_refused(tmp_path):
     path = tmp_path / "results.jsonl"
     ResultsFile(path, GRID).close()
-    other = {"cells": grid.sweep_cells([0.0], [], ["async"], {"rate": 10.0})}
+    other = {"cells": grid.sweep_cells([0.0], {}, ["async"], {"rate": 10.0}, {})}
     with pytest.raises(InputError, match=r"different grid \(cell 'async 0ms' has rate=20.0 there, 10.0 here\)"):
         ResultsFile(path, other)
-    more = {"cells": grid.sweep_cells([0.0, 0.1], [], ["async"], {"rate": 20.0})}
+    more = {"cells": grid.sweep_cells([0.0, 0.1], {}, ["async"], {"rate": 20.0}, {})}
     with pytest.raises(InputError, match="its cells are async 0ms; this run's are async 0ms, async 100ms"):
         ResultsFile(path, more)
     (tmp_path / "notes.jsonl").write_text('{"kind": "tick"}\n')
@@ -119,13 +124,14 @@ def test_results_file_of_another_grid_is_refused(tmp_path):
 
 
 def test_sweep_tables_and_plot(tmp_path):
-    cells = grid.sweep_cells([0.0, 0.1], [], ["async", "sync"], {})
+    cells = grid.sweep_cells([0.0, 0.1], {"profiles/latency/h200-compiled.json": 0.036}, ["async", "sync"], {}, {"latency_order": "iid"})
     rows = [row(cell=c, episode=e, success=(c == "sync 100ms" or e == 0), task=t)
             for c in cells for t in (0, 1) for e in (0, 1)]
     md, doc = report.sweep_tables(cells, rows, ["a note"])
     assert "| sync | 100 ms | 4 | 100% (4/4) | 51-100% | 80% | 50 / 50 | 10.0 | 0 |" in md
     assert "| async | 0 ms | 4 | 50% (2/4) | 15-85% |" in md
     assert "- policy: fake policy" in md and "- a note" in md
+    assert "| sync | profiles/latency/h200-compiled.json (p50 36 ms) | 4 |" in md
     by_name = {c["cell"]: c for c in doc["cells"]}
     assert by_name["async 100ms"]["per_task"]["1"]["episodes"] == 2
     report.plot_success_vs_latency(doc, tmp_path / "plot.png")
@@ -149,8 +155,7 @@ def test_a_spec_the_runtime_cannot_take_costs_its_episodes_an_error_row():
     assert all(r["error"] == "input: `rtloop run` has no option --no-such-option" for r in rows)
 
 
-@pytest.mark.parametrize("option, feature", [("clock", "virtual clock"), ("latency_profile", "latency profiles"),
-                                             ("policy", "policies other than openvla")])
+@pytest.mark.parametrize("option, feature", [("clock", "virtual clock"), ("policy", "policies other than openvla")])
 def test_options_the_runtime_lacks_are_refused_by_name(option, feature):
     from rtloop.eval.episode import check_spec
 
