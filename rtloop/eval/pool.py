@@ -30,8 +30,8 @@ def _worker(specs: dict[str, dict], todo: mp.Queue, done: mp.Queue, log_path: st
         log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)
-    from rtloop.errors import RtloopError
     from rtloop.eval.episode import close_runner, run_one_episode
+    from rtloop.runtime.loop import one_line
 
     pid = os.getpid()
     try:
@@ -40,8 +40,7 @@ def _worker(specs: dict[str, dict], todo: mp.Queue, done: mp.Queue, log_path: st
             try:
                 row = run_one_episode(specs[key[0]], key[1], key[2])
             except Exception as exc:  # a failed env or policy build: this episode's error, the sweep goes on
-                kind = exc.kind if isinstance(exc, RtloopError) else type(exc).__name__
-                row = error_row(key, f"{kind}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+                row = error_row(key, ": ".join(one_line(exc)))
             done.put(("row", pid, row))
     finally:
         close_runner()

@@ -35,7 +35,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="wall: real time (default); virtual: time advances 1/rate per tick")
     p.add_argument("--rate", type=float, default=20.0, help="sim ticks per second (default 20)")
     p.add_argument("--max-steps", type=int, default=None, help="cap on policy steps per episode")
-    p.add_argument("--seed", type=int, default=0, help="env seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="env seed, and the latency profiles' draws (default 0)")
     p.add_argument("--sim", choices=("libero", "replay"), default="libero",
                    help="libero, or replay of recorded LIBERO frames (actions ignored: no outcome to measure)")
     p.add_argument("--replay", type=Path, default=None, help="recorded frames for --sim replay")
@@ -86,11 +86,14 @@ def prepare_specs(cells: dict[str, dict], tasks: list[int], checkpoint: Path | N
         cell["run"]["checkpoint"] = resolved
         specs[name] = {"cell": name, **cell, "torch_threads": torch_threads(workers),
                        "trace_dir": None if trace_dir is None else str(trace_dir)}
-        for task in tasks:
-            args = run_args(specs[name], task)
-            command.validate(args)
-            if args.sim == "replay":  # the recording must hold the task: cheap to open
-                command.build_env(args).close()
+    # a cell's options do not depend on the task, nor a task's (suite, recording) on the cell
+    first = next(iter(specs.values()))
+    checks = [(spec, tasks[0]) for spec in specs.values()] + [(first, task) for task in tasks[1:]]
+    for spec, task in checks:
+        args = run_args(spec, task)
+        command.validate(args)
+        if args.sim == "replay" and spec is first:  # the recording must hold the task: cheap to open
+            command.build_env(args).close()
     return specs
 
 
