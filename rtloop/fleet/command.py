@@ -36,6 +36,7 @@ def validate_fleet(args: argparse.Namespace) -> None:
 
     if args.envs is None:
         args.envs = 1
+    args.device_requested, args.engine_requested = args.device, args.engine
     for name, what in NOT_IN_FLEET.items():
         if getattr(args, name):
             raise InputError(f"{what} does not work with --envs yet")
@@ -44,9 +45,16 @@ def validate_fleet(args: argparse.Namespace) -> None:
     if args.backend == "local":
         check_envs(args.envs, os.cpu_count() or 1, args.oversubscribe)
     else:
-        from rtloop.fleet.ray_backend import check_address
+        from rtloop.fleet import ray_backend
 
-        check_address(args.address)
+        ray_backend.check_address(args.address)
+        command.validate(args)  # the rest of the cheap checks before Ray starts
+        ray_backend.start_ray(args.address)
+        cpus, gpus = ray_backend.cluster_resources()
+        check_envs(args.envs, cpus, args.oversubscribe, where="the Ray cluster")
+        if args.device_requested == "auto" and gpus and not args.device.startswith("cuda"):
+            args.device = "cuda"  # the policy actor holds one of the cluster's GPUs, not this machine's
+            args.engine = None if args.engine_requested is None else args.engine_requested
     command.validate(args)
 
 
@@ -86,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
         if args.backend == "ray":
             from rtloop.fleet import ray_backend
 
-            backend = ray_backend.RayBackend(args, checkpoint, device, env_spec(args), envs, str(workers_log))
+            backend = ray_backend.RayBackend(args, checkpoint, device, env_spec(args), envs)
         else:
             from rtloop.fleet.local import LocalBackend
 
@@ -146,7 +154,8 @@ def main(args: argparse.Namespace) -> int:
         summary_path = trace_path.with_name("summary.json")
         summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
         print(format_summary(summary, title))
-        print(f"trace: {trace_path}  summary: {summary_path}  worker output: {workers_log}")
+        where = f"  worker output: {workers_log}" if args.backend == "local" else ""
+        print(f"trace: {trace_path}  summary: {summary_path}{where}")
     if interrupted:
         print("rtloop: interrupted", file=sys.stderr)
         return 130
