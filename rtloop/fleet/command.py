@@ -94,11 +94,12 @@ def main(args: argparse.Namespace) -> int:
         if args.backend == "ray":
             from rtloop.fleet import ray_backend
 
-            backend = ray_backend.RayBackend(args, checkpoint, device, env_spec(args), envs)
+            backend = ray_backend.RayBackend(device, env_spec(args), envs, command.build_policy,
+                                             (args, checkpoint, device))
         else:
             from rtloop.fleet.local import LocalBackend
 
-            backend = LocalBackend(args, checkpoint, device, env_spec(args), str(workers_log))
+            backend = LocalBackend(env_spec(args), str(workers_log), command.build_policy, (args, checkpoint, device))
         cleanup.callback(backend.close)
         log, trace = RecordLog(), TraceSink(trace_path)
         cleanup.callback(trace.close)

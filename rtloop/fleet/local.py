@@ -127,14 +127,14 @@ class ProcessEnvLink:
 class LocalBackend:
     """Env workers as local processes; the policy in this process, on its own thread."""
 
-    def __init__(self, args, checkpoint, device: str, spec: dict, log_path: str | None) -> None:
-        from rtloop.runtime import command
+    def __init__(self, spec: dict, log_path: str | None, build, build_args: tuple) -> None:
+        """build(*build_args) -> Policy runs on the policy thread (rtloop.runtime.command.build_policy)."""
         from rtloop.runtime.worker import WorkerThread
 
         self.spec, self.log_path = spec, log_path
         thread = WorkerThread("rtloop-policy")
         try:
-            policy = thread.call(command.build_policy, args, checkpoint, device)
+            policy = thread.call(build, *build_args)
         except BaseException:
             thread.close()
             raise

@@ -131,10 +131,8 @@ def _remote_classes():
             await asyncio.to_thread(self.worker.close)
 
     class RayPolicyActor:
-        def __init__(self, args, checkpoint, device: str) -> None:
-            from rtloop.runtime import command
-
-            self.policy = command.build_policy(args, checkpoint, device)
+        def __init__(self, build, build_args: tuple) -> None:
+            self.policy = build(*build_args)
 
         def describe(self) -> tuple[str, bool]:
             return self.policy.label, self.policy.needs_images
@@ -228,7 +226,8 @@ class RayEnvLink:
 class RayBackend:
     """Env actors and policy actors on a Ray cluster (started here when there is no --address)."""
 
-    def __init__(self, args, checkpoint, device: str, spec: dict, envs: int) -> None:
+    def __init__(self, device: str, spec: dict, envs: int, build, build_args: tuple) -> None:
+        """build(*build_args) -> Policy runs in each policy actor (rtloop.runtime.command.build_policy)."""
         import ray
 
         from rtloop.runtime.worker import WorkerThread
@@ -239,7 +238,7 @@ class RayBackend:
         self.env_class, policy_class = _remote_classes()
         replicas = max(1, gpus) if device.startswith("cuda") else 1
         options = {"num_gpus": 1, "num_cpus": 0} if device.startswith("cuda") else {"num_cpus": 0}
-        actors = [policy_class.options(**options).remote(args, checkpoint, device) for _ in range(replicas)]
+        actors = [policy_class.options(**options).remote(build, build_args) for _ in range(replicas)]
         self.policies = []
         try:
             for i, actor in enumerate(actors):
