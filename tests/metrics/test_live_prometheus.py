@@ -43,8 +43,10 @@ def test_every_dashboard_query_returns_data_from_a_live_run(tiny_checkpoint, tmp
          "--trace", str(tmp_path / "run" / "trace.jsonl")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "MUJOCO_GL": "egl"},
     )
+    # The fleet's episodes last longer (replay has 50 init states, 2 envs get through them fast): it must
+    # outlive LIBERO's start.
     fleet = subprocess.Popen(
-        [sys.executable, "-m", "rtloop", "run", *common, "--envs", "2", "--sim", "replay",
+        [sys.executable, "-m", "rtloop", "run", *common, "--max-steps", "150", "--envs", "2", "--sim", "replay",
          "--metrics-port", str(fleet_port), "--trace", str(tmp_path / "fleet" / "trace.jsonl")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
