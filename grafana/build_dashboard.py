@@ -152,6 +152,29 @@ def build() -> dashboard.Dashboard:
         query(quantile(0.95, "rtloop_inference_duration_seconds"), "predict_action p95"),
     ], "Time the inference task waited for a new frame, and the whole predict_action call."))
 
+    d = d.with_row(dashboard.Row("Fleet (rtloop run --envs N)"))
+    d = d.with_panel(single("Envs", "none", f"max(rtloop_fleet_envs{{{SEL}}})",
+                            "Envs in the fleet, each in its own worker (1: a single-env run).", width=4))
+    batch_mean = (f"sum(rate(rtloop_inference_batch_size_sum{{{SEL}}}[{WINDOW}])) / "
+                  f"sum(rate(rtloop_inference_batch_size_count{{{SEL}}}[{WINDOW}]))")
+    d = d.with_panel(graph("Batch size", "none", [
+        query(batch_mean, "mean"),
+        query(quantile(0.5, "rtloop_inference_batch_size"), "p50"),
+        query(quantile(0.95, "rtloop_inference_batch_size"), "p95"),
+    ], "Frames per policy call: the inference task takes the newest unread frame of every env that has one "
+       "(up to 32). Quantiles interpolate between the 1, 2, 4, 8, 16, 32 buckets.", width=10))
+    d = d.with_panel(graph("Frames and batches per second", "ops", [
+        query(rate_of("rtloop_inferences_total"), "frames"),
+        query(rate_of("rtloop_inference_batch_size_count"), "batches"),
+    ], "Frames the policy answered and policy calls, per second, over the whole fleet.", width=10))
+    env_fresh = (f"sum by (env) (rate(rtloop_env_actions_total{{{SEL}, source=\"fresh\"}}[{WINDOW}])) / "
+                 f"sum by (env) (rate(rtloop_env_actions_total{{{SEL}}}[{WINDOW}]))")
+    d = d.with_panel(graph("Fresh actions per env", "percentunit", [query(env_fresh, "env {{env}}")],
+                           "Share of each env's ticks that applied a new action.", width=12))
+    d = d.with_panel(graph("Action age p99 per env", "s", [
+        query(quantile(0.99, "rtloop_env_action_age_seconds", by="env"), "env {{env}}"),
+    ], "How old the frame behind each env's applied action is, p99 per env.", width=12))
+
     d = d.with_row(dashboard.Row("Resources and failures"))
     d = d.with_panel(graph("GPU memory", "bytes", [
         query(f"sum(rtloop_gpu_memory_allocated_bytes{{{SEL}}})", "allocated"),

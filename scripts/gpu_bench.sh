@@ -2,8 +2,8 @@
 # What produced profiles/bench-{h100,h200}-7b.{json,md}: run from the repository root on a CUDA machine that
 # has torch and transformers (no install needed: PYTHONPATH). Writes everything under ${OUT:-out/gpu}, files
 # named for ${GPU:-h100} (the machine's label).
-#   GPU=h200 bash scripts/gpu_bench.sh [kernels|prefill|split|bench|profile|tests|parity|run|libero ...]
-#   `libero` needs real LIBERO on the machine (on ours: ../shared/gpu-libero, set up before this script).
+#   GPU=h200 bash scripts/gpu_bench.sh [kernels|prefill|split|bench|profile|tests|parity|run|libero|fleet ...]
+#   `libero` and `fleet` need real LIBERO on the machine (on ours: ../shared/gpu-libero, set up before this script).
 #   (default: kernels bench profile tests parity)
 set -u
 OUT=${OUT:-out/gpu}
@@ -119,6 +119,53 @@ for step in $steps; do
       nvidia-smi --query-gpu=memory.used --format=csv,noheader | sed "s/^/$name gpu memory after: /" | tee -a "$LOG"
     done
     tar -C /tmp/libero-runs -czf "$OUT/libero.tgz" . ;;
+  fleet)
+    # fleet capacity (issue 16): N envs of real LIBERO (set up first: ../shared/gpu-libero, then
+    # `. /opt/libero-site/env.sh`), each in its own worker process (this machine has 16 cores and no Ray), one
+    # policy batching their frames; N episodes of FLEET_STEPS ticks at 20 Hz per run. An env holds 20 Hz when
+    # its sim runs >= 19.5 Hz with >= 95% fresh actions and action age p99 <= 100 ms.
+    checkpoint7b
+    for engine in ${FLEET_ENGINES:-compiled compiled+fp8}; do
+      for n in ${FLEET_NS:-1 4 8 16}; do
+        name="fleet-${engine//+/_}-n$n"
+        say "rtloop run --envs $n --engine $engine (real LIBERO)"
+        timeout ${FLEET_TIMEOUT:-580} python3 -m rtloop run --envs "$n" --episodes "$n" --rate 20 --engine "$engine" \
+          --device cuda --checkpoint /tmp/ck7b --suite libero_object --task 0 --max-steps "${FLEET_STEPS:-200}" \
+          --quiet --metrics-port 0 --trace "/tmp/runs/$name/trace.jsonl" 2>&1 | grep -v "^SILENT" | tail -25 | tee -a "$LOG"
+        mkdir -p "$OUT/$name" && cp "/tmp/runs/$name/summary.json" "$OUT/$name/" 2>/dev/null
+      done
+    done
+    python3 - "$OUT" "$GPU" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+
+out, gpu = Path(sys.argv[1]), sys.argv[2]
+rows = []
+for path in sorted(out.glob("fleet-*-n*/summary.json")):
+    s = json.loads(path.read_text())
+    engine, n = path.parent.name.removeprefix("fleet-").rsplit("-n", 1)
+    envs = list(s["fleet"]["per_env"].values())
+    worst_hz = min(e["sim_hz"] or 0 for e in envs)
+    worst_fresh = min(e["fresh_fraction"] for e in envs)
+    worst_age = max(e["action_age_s"]["p99"] for e in envs if e["action_age_s"])
+    holds = worst_hz >= 19.5 and worst_fresh >= 0.95 and worst_age <= 0.100
+    rows.append({"engine": engine.replace("_", "+"), "envs": int(n), "worst_sim_hz": worst_hz,
+                 "worst_fresh": worst_fresh, "worst_action_age_p99_s": worst_age, "holds_20hz": holds,
+                 "batch_size_mean": s["fleet"]["batch_size_mean"], "frames_per_s": s["fleet"]["frames_per_s"],
+                 "inference_p50_s": s["stages_s"]["inference"]["p50"]})
+rows.sort(key=lambda r: (r["engine"], r["envs"]))
+capacity = {e: max([r["envs"] for r in rows if r["engine"] == e and r["holds_20hz"]], default=0)
+            for e in sorted({r["engine"] for r in rows})}
+(out / f"fleet-{gpu}.json").write_text(json.dumps({"rows": rows, "capacity": capacity}, indent=2) + "\n")
+print("| engine | N | worst sim Hz | worst fresh | worst action age p99 ms | batch mean | frames/s | holds |")
+print("|---|---|---|---|---|---|---|---|")
+for r in rows:
+    print(f"| {r['engine']} | {r['envs']} | {r['worst_sim_hz']:.1f} | {100 * r['worst_fresh']:.0f}% | "
+          f"{1e3 * r['worst_action_age_p99_s']:.0f} | {r['batch_size_mean']:.1f} | {r['frames_per_s']:.1f} | "
+          f"{'yes' if r['holds_20hz'] else 'no'} |")
+print("fleet capacity (largest N that holds 20 Hz):", capacity)
+EOF
+    ;;
   esac
 done
 say "done"

@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=20.0, help="sim ticks per second (default 20)")
     p.add_argument("--suite", default="libero_object", help="LIBERO suite (default libero_object)")
     p.add_argument("--task", type=int, default=0, help="task id within the suite (default 0)")
-    p.add_argument("--episodes", type=int, default=1, help="how many episodes (init states) to run (default 1)")
+    p.add_argument("--episodes", type=int, default=None,
+                   help="how many episodes (init states) to run (default 1; with --envs N, N)")
     p.add_argument("--episode-start", type=int, default=0, help="first init-state index (default 0)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help=f"OpenVLA checkpoint directory (default {DEFAULT_CHECKPOINT}; when it is absent, a tiny "
@@ -59,6 +60,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the sim keeps a core; otherwise torch's default)")
     p.add_argument("--center-crop", action="store_true", help="90%% centre crop (checkpoints trained with it)")
     p.add_argument("--quiet", action="store_true", help="no live view (the summary is still printed)")
+    p.add_argument("--envs", type=int, default=None,
+                   help="a fleet: N envs, each in its own worker ticking on its own clock, one inference task "
+                        "batching their newest frames (docs-fleet.md)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="fleet workers as local processes (default), or Ray actors (the policy a Ray actor too)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster for --backend ray, e.g. HEAD:6379 (default: start a local cluster)")
+    p.add_argument("--oversubscribe", action="store_true",
+                   help="allow --envs beyond this machine's (or the Ray cluster's) cores")
 
 
 def cache_dir() -> Path:
@@ -99,6 +109,8 @@ def validate(args: argparse.Namespace) -> None:
 
     if not args.rate > 0:
         raise InputError(f"--rate must be > 0 (got {args.rate:g})")
+    if args.episodes is None:
+        args.episodes = args.envs or 1
     if args.episodes < 1:
         raise InputError(f"--episodes must be >= 1 (got {args.episodes})")
     if args.max_steps is not None and args.max_steps < 1:
@@ -210,6 +222,10 @@ def main(args: argparse.Namespace) -> int:
     from rtloop.runtime.video import VideoWriter
     from rtloop.runtime.worker import WorkerThread
 
+    if args.envs is not None or args.backend != "local" or args.address is not None:
+        from rtloop.fleet.command import main as fleet_main
+
+        return fleet_main(args)
     validate(args)
     checkpoint = resolve_checkpoint(args.checkpoint)
     device = args.device  # resolved by validate

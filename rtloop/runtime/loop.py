@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 import anyio
 import numpy as np
@@ -45,6 +46,9 @@ class Action:
     value: np.ndarray
     seq: int  # the inference that produced it
     frame_time: float  # capture time of the frame it was computed from
+
+
+FrameConsumer = Callable[[int, LatestFrameMailbox], Awaitable[None]]
 
 
 @dataclass
@@ -117,8 +121,10 @@ class Runtime:
         sinks: Fanout,
         config: LoopConfig,
         keep_frames: bool = False,
+        env_index: int = 0,
     ) -> None:
         self.env = env
+        self.env_index = env_index  # stamped on every record: which env of a fleet (rtloop.fleet)
         self.policy = policy
         self.sim_thread = sim_thread
         self.policy_thread = policy_thread
@@ -129,7 +135,13 @@ class Runtime:
         self.latest: Action | None = None
         self.frames: list[np.ndarray] | None = [] if keep_frames else None  # for --video, raw sim frames
 
-    async def run_episode(self, episode: int) -> EpisodeRecord:
+    async def run_episode(self, episode: int, mailbox: LatestFrameMailbox | None = None,
+                          consumer: FrameConsumer | None = None) -> EpisodeRecord:
+        """One episode. The sim task puts its frames into `mailbox` and `consumer(episode, mailbox)` runs
+        beside it until the episode ends: by default the inference task here; in a fleet's env worker
+        (rtloop.fleet.worker) the link that ships frames to the fleet's one inference task, which sets
+        `latest` when an action comes back."""
+        consumer = consumer or self._inference_task
         t_start = clock.now()
         progress = EpisodeProgress()
         error: str | None = None
@@ -142,11 +154,11 @@ class Runtime:
             if self.config.sync:
                 await self._blocking_loop(episode, first_frame, progress)
             else:
-                mailbox = LatestFrameMailbox()
+                mailbox = mailbox if mailbox is not None else LatestFrameMailbox()
                 mailbox.put(first_frame)
                 try:
                     async with anyio.create_task_group() as tg:
-                        tg.start_soon(self._inference_task, episode, mailbox)
+                        tg.start_soon(consumer, episode, mailbox)
                         await self._sim_task(episode, mailbox, progress)
                         tg.cancel_scope.cancel()  # the episode is over: stop the model
                 finally:
@@ -174,6 +186,7 @@ class Runtime:
             steps=progress.steps,
             success=progress.success,
             error=error,
+            env=self.env_index,
         )
         self.sinks.on_episode(rec)
         return rec
@@ -290,6 +303,7 @@ class Runtime:
             frames_dropped_total=dropped_total,
             done=result.done,
             success=result.success,
+            env=self.env_index,
         ))
 
     def _record_inference(self, episode, frame: Frame, t_start, t_end, queue_wait, out: PolicyOutput) -> None:
@@ -304,6 +318,7 @@ class Runtime:
             frame_age_s=t_start - frame.captured_at,
             stages={k: float(v) for k, v in out.timings.items()},
             action=[float(x) for x in out.action],
+            env=self.env_index,
         ))
         for alert in out.alerts:
             self.sinks.on_alert(alert.kind, alert.message)

@@ -29,6 +29,7 @@ class TickRecord:
     frames_dropped_total: int  # frames overwritten unread in the mailbox so far this run
     done: bool
     success: bool
+    env: int = 0  # which env of a fleet (`rtloop run --envs N`): 0..N-1; 0 for a single env
     kind: str = "tick"
 
 
@@ -44,6 +45,9 @@ class InferenceRecord:
     frame_age_s: float  # t_start - frame_time
     stages: dict[str, float] = field(default_factory=dict)  # processor / generate / detokenize, seconds
     action: list[float] = field(default_factory=list)
+    env: int = 0
+    batch_size: int = 1  # frames in the batch this inference was part of (one policy call)
+    batch_index: int = 0  # this frame's place in that batch: 0 for the first, so a batch is counted once
     kind: str = "inference"
 
 
@@ -57,6 +61,7 @@ class EpisodeRecord:
     steps: int
     success: bool
     error: str | None = None  # one line, if the episode ended on an exception
+    env: int = 0
     kind: str = "episode"
 
 
