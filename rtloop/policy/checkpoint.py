@@ -27,6 +27,7 @@ from torch import nn
 
 from rtloop.errors import CheckpointError
 from rtloop.policy.config import OpenVLAConfig
+from rtloop.policy.linear import fuse_checkpoint_state_
 from rtloop.policy.model import OpenVLA
 
 REQUIRED_FILES = ("config.json", "tokenizer.model")  # plus the weights: *.safetensors (see weight_files)
@@ -124,6 +125,7 @@ def load_checkpoint(
                     state[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     except SafetensorError as e:
         raise CheckpointError(f"{path}: unreadable safetensors file: {str(e).splitlines()[0]}") from None
+    fuse_checkpoint_state_(model, state)  # [q; k; v] and [gate; up] become one tensor each, one at a time
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
     model.eval()
@@ -278,9 +280,10 @@ def build_random_model(size: str, device: str | torch.device = "cpu", dtype: tor
     """A random-weight OpenVLA built directly on `device` (for 7b: GPU memory, no disk, no CPU copy)."""
     model = build_meta_model(size, dtype, seed).to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        init_tensor_(name, p, INIT_STD[size], generator)
-        _favour_action_tokens_(name, p, model.config)
+    # under the checkpoint's names (views of the fused matrices): the same values a checkpoint file gets
+    for name, t in model.state_dict().items():
+        init_tensor_(name, t, INIT_STD[size], generator)
+        _favour_action_tokens_(name, t, model.config)
     model.requires_grad_(False)
     return model.eval()
 
@@ -313,7 +316,8 @@ def make_checkpoint(size: str, out: str | Path, seed: int = 0) -> Path:
     metadata = {"format": "pt"}
     if size == "tiny":
         model = build_random_model("tiny", "cpu", torch.float32, seed)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors", metadata)
+        # clones: the parts of a fused matrix are views of one tensor, which safetensors will not store
+        save_file({k: v.clone() for k, v in model.state_dict().items()}, out / "model.safetensors", metadata)
     else:
         meta = build_meta_model(size, torch.bfloat16, seed)
         shapes = {k: (v.shape, v.dtype) for k, v in meta.state_dict().items()}

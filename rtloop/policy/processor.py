@@ -127,12 +127,14 @@ def pixel_values(image: np.ndarray, device: torch.device | str, dtype: torch.dty
 
 
 def normalise(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """RGB [3, H, W] with values 0..255 (any dtype) -> [1, 6, H, W] of `dtype`: DINOv2's normalisation, then
-    SigLIP's. One broadcast multiply-add on x's device. Graphed engines run it inside their CUDA graph."""
+    """RGB [3, H, W] or a batch [B, 3, H, W] with values 0..255 (any dtype) -> [B, 6, H, W] of `dtype`
+    (B = 1 for one image): DINOv2's normalisation, then SigLIP's. One broadcast multiply-add on x's device.
+    Graphed engines run it inside their CUDA graph."""
     scale, shift = _normalisation(x.device)
-    H, W = x.shape[-2:]
-    out = torch.empty(1, 6, H, W, device=x.device, dtype=dtype) if out is None else out
-    torch.addcmul(shift, x[None, None], scale, out=out.view(1, 2, 3, H, W))  # (x / 255 - mean) / std
+    x = x if x.dim() == 4 else x[None]
+    B, _, H, W = x.shape
+    out = torch.empty(B, 6, H, W, device=x.device, dtype=dtype) if out is None else out
+    torch.addcmul(shift, x[:, None], scale, out=out.view(B, 2, 3, H, W))  # (x / 255 - mean) / std
     return out
 
 

@@ -12,7 +12,8 @@ import torch
 from rtloop.bench import DEFAULT_FRAMES, engine_tokens, load_frames
 from rtloop.errors import InputError
 from rtloop.policy.engines import build_engine, check_engine_device, split_engine_name
-from rtloop.policy.quant import WeightOnlyLinear, llama_bytes_per_token, quantize_, quantize_weight, weight_format
+from rtloop.policy.linear import Linear
+from rtloop.policy.quant import llama_bytes_per_token, quantize_, quantize_weight, weight_format
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -90,13 +91,15 @@ def test_quantized_model_keeps_its_tokens(tiny_checkpoint, frames):
     policy = _policy(tiny_checkpoint)
     bytes_fp32 = llama_bytes_per_token(policy.model)
     layers = policy.model.language_model.model.layers
-    linear_bytes = sum(m.weight.numel() * 4 for m in layers.modules() if isinstance(m, torch.nn.Linear))
+    linear_bytes = sum(m.weight.numel() * 4 for m in layers.modules() if isinstance(m, Linear))
+    assert linear_bytes > 0
     base_tokens, _ = _run(policy, "eager", frames)
     tokens, _ = _run(policy, "eager+int8", frames)
     assert weight_format(policy.model) == "int8"
     layer = policy.model.language_model.model.layers[0]
-    assert isinstance(layer.self_attn.q_proj, WeightOnlyLinear) and isinstance(layer.mlp.down_proj, WeightOnlyLinear)
-    assert isinstance(policy.model.language_model.lm_head, WeightOnlyLinear)
+    for linear in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj,
+                   policy.model.language_model.lm_head):
+        assert linear.weight.dtype == torch.int8 and linear.scale is not None
     assert llama_bytes_per_token(policy.model) < bytes_fp32 - 0.7 * linear_bytes  # 4-byte weights -> 1-byte
     assert (tokens == base_tokens).float().mean() >= 0.9
     with pytest.raises(InputError, match="already quantised to int8"):
