@@ -375,8 +375,8 @@ def run_batches(policy, name: str, frames: list[Frame], check_frames: list[Frame
             seconds, computed, positions = engine.time_prefill(B, max(lengths))
             flops = prefill_flops(policy.config, computed, positions)
             result["prefill"] = {"ms": round(seconds * 1000, 3), "frames_computed": computed,
-                                 "positions": positions, "tflop": round(flops / 1e12, 4),
-                                 "tflops_per_s": round(flops / seconds / 1e12, 3)}
+                                 "positions": positions, "flops": flops,
+                                 "tflops_per_s": round(flops / seconds / 1e12, 6)}
         if B > 1:
             result["agreement_vs_batch1"] = agreement(*engine_tokens(policy, check_frames, B), *base)
         out[str(B)] = result
@@ -541,7 +541,7 @@ def batch_markdown(report: dict) -> list[str]:
         for B, b in r["batches"].items():
             pa, pre, agree = b["predict_action"], b.get("prefill"), b.get("agreement_vs_batch1")
             mem = "n/a" if b["peak_mem_gb"] is None else f"{b['peak_mem_gb']:.2f}"
-            pre_text = f"{pre['ms']:.2f} | {pre['tflops_per_s']:.1f}" if pre else "n/a | n/a"
+            pre_text = f"{pre['ms']:.2f} | {pre['tflops_per_s']:.3g}" if pre else "n/a | n/a"
             agree_text = f"{agree['token_agreement']:.0%}" if agree else "(itself)"
             lines.append(f"| {name} | {B} | **{pa['p50_ms']:.2f}** / {pa['p99_ms']:.2f} | {b['frames_per_s']:.1f} | "
                          f"{mem} | {pre_text} | {agree_text} |")

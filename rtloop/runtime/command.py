@@ -17,6 +17,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from rtloop.policy.kernel_options import add_kernel_arguments, kernel_options_from_args
+
 DEFAULT_CHECKPOINT = Path("weights/openvla-7b")
 TINY_CACHE_NAME = "openvla-tiny-random"
 
@@ -69,6 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Ray cluster for --backend ray, e.g. HEAD:6379 (default: start a local cluster)")
     p.add_argument("--oversubscribe", action="store_true",
                    help="allow --envs beyond this machine's (or the Ray cluster's) cores")
+    add_kernel_arguments(p)
 
 
 def cache_dir() -> Path:
@@ -136,6 +139,10 @@ def validate(args: argparse.Namespace) -> None:
     if args.engine is None:
         args.engine = "compiled" if args.device.startswith("cuda") else "eager"
     check_engine_device(args.engine, args.device)
+    try:
+        kernel_options_from_args(args).resolve(args.device)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     if args.sim == "libero":
         if os.environ.setdefault("MUJOCO_GL", "egl") == "egl":
             import ctypes
@@ -198,7 +205,8 @@ def build_policy(args: argparse.Namespace, checkpoint: Path, device: str):
         torch.set_num_threads(args.torch_threads)
 
     policy = OpenVLAPolicy(checkpoint, unnorm_key=args.unnorm_key, suite=args.suite, device=device,
-                           engine=args.engine, center_crop=args.center_crop, cuda_wait=args.cuda_wait)
+                           engine=args.engine, center_crop=args.center_crop, cuda_wait=args.cuda_wait,
+                           kernel_options=kernel_options_from_args(args))
     if not isinstance(args._latency, MeasuredLatency):  # the policy's own time needs no padding
         policy = SlowPolicy(policy, args._latency, args.inject_mode)
     return policy

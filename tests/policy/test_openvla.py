@@ -156,3 +156,30 @@ def test_real_libero_frames(policy):
     finally:
         env.close()
     assert set(seen) <= {"constant_action"}
+
+
+def test_act_batch_gives_each_frame_its_own_action(tiny_checkpoint):
+    """One batched call, frames with their own prompts: each output is what act() gives that frame alone
+    (fp32 on the CPU); the guards keep one history per stream."""
+    batched = OpenVLAPolicy(tiny_checkpoint, max_batch=4)
+    instructions = [INSTRUCTION, "open the top drawer and put the bowl inside", "pick it up"]
+    frames = [frame(10 + i) for i in range(3)]
+    outs = batched.act_batch(frames, instructions)
+    assert len(outs) == 3 and all(isinstance(o, PolicyOutput) for o in outs)
+    for out, f, instruction in zip(outs, frames, instructions):
+        alone = batched.act(f, instruction)
+        assert np.array_equal(out.action, alone.action) and np.array_equal(out.raw_action, alone.raw_action)
+        assert set(out.timings) == set(STAGES)
+    assert len({tuple(o.raw_action) for o in outs}) > 1
+    assert set(batched._stream_guards) == {0, 1, 2}
+    actions, _ = batched.predict_action_batch([prepare_libero_image(f) for f in frames[:2]], instructions[:2],
+                                              streams=[7, 7])
+    assert actions.shape == (2, 7) and 7 in batched._stream_guards
+
+
+def test_act_batch_bad_input_is_one_line(policy):
+    image = prepare_libero_image(frame(0))
+    with pytest.raises(InputError, match="2 images for 1 instructions"):
+        policy.predict_action_batch([image, image], [INSTRUCTION])
+    with pytest.raises(InputError, match="a batch of 2 frames; this policy takes 1 to 1"):
+        policy.predict_action_batch([image, image], [INSTRUCTION] * 2)

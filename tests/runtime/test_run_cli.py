@@ -143,6 +143,7 @@ def test_sigint_prints_the_summary_and_keeps_the_trace(tiny_checkpoint, tmp_path
         (["--engine", "compiled", "--device", "cpu"], "engine 'compiled' needs a CUDA device"),
         (["--inject-delay", "-1"], "--inject-delay must be a finite number of seconds >= 0"),
         (["--latency-profile", "/nonexistent/h200.json"], "latency profile /nonexistent/h200.json: cannot read it"),
+        (["--kernel-arch", "sm89", "--device", "cpu"], "kernel architecture sm89 cannot be forced on a CPU"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message):
