@@ -2,7 +2,7 @@
 # What produced profiles/bench-{h100,h200}-7b.{json,md}: run from the repository root on a CUDA machine that
 # has torch and transformers (no install needed: PYTHONPATH). Writes everything under ${OUT:-out/gpu}, files
 # named for ${GPU:-h100} (the machine's label).
-#   GPU=h200 bash scripts/gpu_bench.sh [kernels|prefill|split|bench|profile|tests|parity|run|libero|fleet ...]
+#   GPU=h200 bash scripts/gpu_bench.sh [kernels|prefill|split|bench|batch|profile|tests|parity|run|libero|fleet ...]
 #   `libero` and `fleet` need real LIBERO on the machine (on ours: ../shared/gpu-libero, set up before this script).
 #   (default: kernels bench profile tests parity)
 set -u
@@ -62,10 +62,19 @@ for step in $steps; do
     timeout ${SPLIT_TIMEOUT:-120} python3 scripts/prefill_split_bench.py --rows 288 --splits 256 --formats bf16,fp8 \
       --out "$OUT/prefill-split-$GPU.json" 2>&1 | grep -v Warning | tee -a "$LOG"
     for s in 1 0; do
-      say "rtloop bench compiled+fp8, RTLOOP_PREFILL_SPLIT=$s"
-      RTLOOP_PREFILL_SPLIT=$s timeout ${BENCH_TIMEOUT:-360} python3 -m rtloop bench --size 7b --device cuda \
+      say "rtloop bench compiled+fp8, prefill split $s"
+      timeout ${BENCH_TIMEOUT:-360} python3 -m rtloop bench --size 7b --device cuda $([ $s = 0 ] && echo --no-prefill-split) \
         --engines compiled --quant fp8 --iters 40 --warmup 5 --agreement-frames 4 --out "$OUT/bench-$GPU-split$s" \
         2>&1 | grep "^| comp" | tee -a "$LOG"
+    done ;;
+  batch)
+    # batched predict_action: per batch size latency, frames/s, peak memory, prefill TFLOP/s, tokens vs batch 1;
+    # one process per engine (each compiles and captures 6 batch buckets); KERNEL_FLAGS e.g. "--kernel-arch sm89"
+    for engine in ${BATCH_ENGINES:-compiled compiled+fp8 compiled+int8 eager}; do
+      say "rtloop bench --batch, $engine ${KERNEL_FLAGS:-}"
+      timeout ${BATCH_TIMEOUT:-580} python3 -m rtloop bench --size 7b --device cuda --engines "$engine" \
+        --batch "${BATCHES:-1,2,4,8,16,32}" --iters "${ITERS:-20}" --warmup 3 --agreement-frames 32 ${KERNEL_FLAGS:-} \
+        --out "$OUT/batch-$GPU-${engine//+/_}${KERNEL_FLAGS:+-${KERNEL_FLAGS//[ -]/}}" 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
   tests)
     say "pytest -m gpu"

@@ -69,9 +69,9 @@ if triton is not None:
     @triton.jit
     def _widen(w, INT8_BITS: tl.constexpr):
         """Weights to float32. INT8_BITS: int8 by float bit arithmetic, not I2F, a quarter-rate instruction that
-        int8 weights streaming at full bandwidth keep busy (in the decode graph on an H100: 2.63 TB/s against
-        2.35). The same trick for fp8 e4m3 (its bits moved into a float32's, times 2^120) was slower than
-        Hopper's packed e4m3x2 conversion (2.17 TB/s against 2.53), so fp8 converts."""
+        int8 weights streaming at full bandwidth keep busy; the same trick for fp8 e4m3 measured slower than
+        Hopper's packed e4m3x2 conversion, so fp8 converts (both measured: profiles/gemv-h100.json,
+        scripts/gemv_bench.py)."""
         if INT8_BITS:  # the float with bits 0x4B000080 + w is 2^23 + 128 + w exactly
             return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
         return w.to(tl.float32)
@@ -177,7 +177,7 @@ if triton is not None:
     _gemv_fixed = _even(_gemv_kernel)
     # Few rows and wide tiles: a program must keep enough bytes in flight to cover HBM latency (1-byte
     # weights want twice the columns of bf16 for the same 16-byte loads), and there must be enough programs
-    # (N / BLOCK_N) to fill every SM. On an H100 the first tuning (2-16 rows, 128-1024 columns) always chose
+    # (N / BLOCK_N) to fill every SM. A first tuning (2-16 rows, 128-1024 columns) always chose
     # the widest tile, so the set now reaches 4096 columns. Benchmarked with the L2 flushed.
     _CONFIGS = [
         triton.Config({"BLOCK_N": n, "BLOCK_K": k, "ROW_SUMS": False}, num_warps=w, num_stages=1)
