@@ -204,9 +204,13 @@ def build_policy(args: argparse.Namespace, checkpoint: Path, device: str):
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
 
+    from rtloop.policy.engines import BATCH_BUCKETS, batch_bucket
+
+    # a fleet hands act_batch the newest frame of each env: up to one per env, at most the largest bucket
+    max_batch = batch_bucket(min(args.envs or 1, BATCH_BUCKETS[-1]))
     policy = OpenVLAPolicy(checkpoint, unnorm_key=args.unnorm_key, suite=args.suite, device=device,
                            engine=args.engine, center_crop=args.center_crop, cuda_wait=args.cuda_wait,
-                           kernel_options=kernel_options_from_args(args))
+                           max_batch=max_batch, kernel_options=kernel_options_from_args(args))
     if not isinstance(args._latency, MeasuredLatency):  # the policy's own time needs no padding
         policy = SlowPolicy(policy, args._latency, args.inject_mode)
     return policy
