@@ -29,7 +29,6 @@ import json
 import platform
 import resource
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +37,9 @@ from rtloop import clock
 from rtloop.errors import InputError
 from rtloop.policy.base import STAGES
 from rtloop.policy.kernel_options import add_kernel_arguments, kernel_options_from_args
+from rtloop.sim.replay import Frame, default_recording, load_frames
 
-DEFAULT_FRAMES = Path(__file__).resolve().parent.parent / "tests" / "data" / "libero_object_frames.npz"
+DEFAULT_FRAMES = default_recording()
 LIBERO_IMAGE = "libero_image"  # the eval's frame preparation (flip, JPEG, Lanczos): before predict_action
 N_TOKENS = 7  # 1 prefill + 6 decode forwards: the floor counts 7 passes over the weights
 DTYPES = ("bfloat16", "float16", "float32")
@@ -65,27 +65,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(latency, frames/s, peak memory, prefill TFLOP/s, tokens against batch 1) instead of "
                         "the per-stage batch-1 table")
     add_kernel_arguments(p)
-
-
-@dataclass
-class Frame:
-    image: np.ndarray  # a raw LIBERO agentview frame, as the sim returns it
-    instruction: str
-
-
-def load_frames(path: Path) -> list[Frame]:
-    """All recorded frames, interleaved across tasks so consecutive calls change frame and prompt."""
-    from rtloop.sim.replay import decode_frames
-
-    if not path.is_file():
-        raise InputError(f"--frames {path}: no such file")
-    with np.load(path, allow_pickle=False) as data:
-        frame_task_ids = data["frame_task_ids"]
-        frames = decode_frames(data["frames_delta"], frame_task_ids)
-        instructions = dict(zip(data["task_ids"].tolist(), data["instructions"].tolist()))
-    per_task = [[Frame(f, instructions[t]) for f, t in zip(frames, frame_task_ids) if t == task] for task in instructions]
-    longest = max(len(fs) for fs in per_task)
-    return [fs[i] for i in range(longest) for fs in per_task if i < len(fs)]
 
 
 def parse_engines(engines: str | None, quant: str, device: str) -> list[str]:

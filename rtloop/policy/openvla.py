@@ -58,7 +58,7 @@ class OpenVLAPolicy:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         engine: str = "eager",
-        center_crop: bool = False,
+        center_crop: bool = True,
         prompt_template: str | None = None,
         rotate: bool = True,
         model: OpenVLA | None = None,

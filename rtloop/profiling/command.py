@@ -62,7 +62,9 @@ def run_argv(args: argparse.Namespace, actions: list[argparse.Action]) -> list[s
         if value == a.default:
             continue
         flag = a.option_strings[-1]
-        if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if isinstance(a, argparse.BooleanOptionalAction):  # --x / --no-x: the one that gives this value
+            argv.append(a.option_strings[0] if value else a.option_strings[1])
+        elif isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             argv.append(flag)
         elif isinstance(value, (list, tuple)):
             argv += [flag, *map(str, value)]

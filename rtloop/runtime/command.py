@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port (default 9464, 0 = off)")
     p.add_argument("--sim", choices=("libero", "replay"), default="libero",
                    help="libero, or replay of recorded LIBERO frames (needs --replay)")
-    p.add_argument("--replay", type=Path, default=None, help="recorded frames for --sim replay (default: the recording shipped in tests/data)")
+    p.add_argument("--replay", type=Path, default=None, help="recorded frames for --sim replay (default: the recording shipped in the package, rtloop/data)")
     add_latency_arguments(p)
     p.add_argument("--policy-process", action="store_true",
                    help="run the policy in its own process (frames through shared memory), off the sim's GIL")
@@ -60,7 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch intra-op threads (default on CPU, async: one core fewer than the machine has, so "
                         "the sim keeps a core; otherwise torch's default)")
-    p.add_argument("--center-crop", action="store_true", help="90%% centre crop (checkpoints trained with it)")
+    p.add_argument("--center-crop", action=argparse.BooleanOptionalAction, default=True,
+                   help="90%% centre crop, on by default as in the official LIBERO eval (its checkpoints were "
+                        "fine-tuned with random crops); --no-center-crop for models trained without")
     p.add_argument("--quiet", action="store_true", help="no live view (the summary is still printed)")
     p.add_argument("--envs", type=int, default=None,
                    help="a fleet: N envs, each in its own worker ticking on its own clock, one inference task "
@@ -233,12 +235,16 @@ def main(args: argparse.Namespace) -> int:
     from rtloop.runtime.trace import TraceSink
     from rtloop.runtime.video import VideoWriter
     from rtloop.runtime.worker import WorkerThread
+    from rtloop.sim.versions import mujoco_version_warning
 
     if args.envs is not None or args.backend != "local" or args.address is not None:
         from rtloop.fleet.command import main as fleet_main
 
         return fleet_main(args)
     validate(args)
+    mujoco_warning = mujoco_version_warning() if args.sim == "libero" else None
+    if mujoco_warning:  # once per run, before the load; the run header keeps it too
+        print(f"rtloop: warning: {mujoco_warning}", file=sys.stderr)
     checkpoint = resolve_checkpoint(args.checkpoint)
     device = args.device  # resolved by validate
     if args.torch_threads is None and device == "cpu" and not args.sync:
@@ -292,6 +298,7 @@ def main(args: argparse.Namespace) -> int:
             "latency": args._latency.describe(),
             "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
             "machine": machine(device), "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "mujoco_warning": mujoco_warning,
         })
 
         async def run_all() -> None:

@@ -1,6 +1,6 @@
 """Record raw agentview frames from real LIBERO, for the replay env (machines without LIBERO or MuJoCo).
 
-    python -m rtloop.sim.record --suite libero_object --tasks 0 1 2 3 --frames 15 --out tests/data/libero_object_frames.npz
+    python -m rtloop.sim.record --suite libero_object --tasks 0 1 2 3 --frames 15 --out rtloop/data/libero_object_frames.npz
 
 Per task: the official reset (init state `--episode`, 10 settle steps), then a scripted end-effector motion,
 a loop in x/y/z (down then back up), so consecutive frames differ visibly. The first frame is the one
