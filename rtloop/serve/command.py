@@ -28,7 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", default="libero_object",
                    help="LIBERO suite whose statistics are the default unnorm key (default libero_object)")
     p.add_argument("--unnorm-key", default=None, help="default action statistics key (requests may name another)")
-    p.add_argument("--center-crop", action="store_true", help="90%% centre crop (checkpoints trained with it)")
+    p.add_argument("--center-crop", action=argparse.BooleanOptionalAction, default=True,
+                   help="90%% centre crop, on by default as in the official LIBERO eval; --no-center-crop for models "
+                        "trained without")
     p.add_argument("--api-key", default=None, help="require `Authorization: Api-Key KEY` from every client")
     p.add_argument("--insecure", action="store_true",
                    help="serve a non-loopback address without a key (anyone who reaches the port drives the model)")

@@ -18,6 +18,7 @@ import numpy as np
 
 from rtloop.errors import InputError, RtloopError
 from rtloop.sim.replay import encode_frames
+from rtloop.sim.versions import installed_mujoco
 
 
 def scripted_action(step: int, period: int) -> np.ndarray:
@@ -50,6 +51,7 @@ def record(suite: str, task_ids: list[int], frames_per_task: int, episode: int, 
         "suite": np.array(suite),
         "episode": np.array(episode),
         "seed": np.array(seed),
+        "mujoco": np.array(installed_mujoco() or ""),  # renders move with the version (rtloop.sim.versions)
     }
 
 

@@ -6,7 +6,8 @@ the closed loop is not. Its step costs nothing, so physics and render are report
 Recording format (an .npz written by `python -m rtloop.sim.record`):
 - frames_delta  uint8 [N, H, W, 3]: per task, the first frame raw, then each frame minus the previous one
   (mod 256). Lossless; consecutive frames differ in a few % of pixels, so this compresses ~10x better.
-- frame_task_ids int [N]; task_ids int [T]; instructions str [T]; suite str; episode, seed.
+- frame_task_ids int [N]; task_ids int [T]; instructions str [T]; suite str; episode, seed; mujoco str (the
+  version that rendered them).
 """
 
 from __future__ import annotations
