@@ -15,8 +15,9 @@ from pathlib import Path
 
 
 from rtloop.metrics.promapi import free_port
+from rtloop.sim.replay import default_recording
 
-DATA = Path(__file__).parents[1] / "data" / "libero_object_frames.npz"
+DATA = default_recording()  # recorded LIBERO frames, package data (rtloop/data)
 MAX_MESSAGE_BYTES = 400_000  # a 256x256 frame (192 KiB) and openpi's two 224 images (294 KiB) fit
 
 
