@@ -242,10 +242,10 @@ def main(args: argparse.Namespace) -> int:
 
         return fleet_main(args)
     validate(args)
-    mujoco_warning = mujoco_version_warning() if args.sim == "libero" else None
-    if mujoco_warning:  # once per run, before the load; the run header keeps it too
-        print(f"rtloop: warning: {mujoco_warning}", file=sys.stderr)
     checkpoint = resolve_checkpoint(args.checkpoint)
+    mujoco_warning = mujoco_version_warning() if args.sim == "libero" else None
+    if mujoco_warning:  # once per run, after the input checks, before the load; the run header keeps it too
+        print(f"rtloop: warning: {mujoco_warning}", file=sys.stderr)
     device = args.device  # resolved by validate
     if args.torch_threads is None and device == "cpu" and not args.sync:
         # Measured on the 2-core machine: torch's 2 threads and LIBERO's software renderer oversubscribe
