@@ -301,7 +301,8 @@ def make_config(size: str, seed: int = 0) -> dict[str, Any]:
         "norm_stats": synthetic_norm_stats(),
         "text_config": text_config,
         "torch_dtype": dtype,
-        "rtloop_generated": {"size": size, "seed": seed, "random_weights": True},
+        # action_bias: the generator's knob (CHANNEL0_BIAS); a cached checkpoint made with another is stale
+        "rtloop_generated": {"size": size, "seed": seed, "random_weights": True, "action_bias": CHANNEL0_BIAS[size]},
     }
     if size == "tiny":
         config["rtloop_vit_args"] = TINY_VITS

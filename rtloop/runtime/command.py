@@ -81,14 +81,22 @@ def cache_dir() -> Path:
 
 
 def tiny_random_checkpoint() -> Path:
-    """The fallback checkpoint: generated once, then reused. Made in a temporary directory and renamed, so
-    an interrupted generation never leaves a half-written checkpoint in the cache."""
-    from rtloop.policy.checkpoint import make_checkpoint
+    """The fallback checkpoint: generated once, then reused while it is what this rtloop would generate (an
+    older generator's weights behave differently). Made in a temporary directory and renamed, so an
+    interrupted generation never leaves a half-written checkpoint in the cache."""
+    import shutil
+
+    from rtloop.policy.checkpoint import make_checkpoint, make_config
 
     path = cache_dir() / TINY_CACHE_NAME
-    if not (path / "config.json").exists():
+    try:
+        cached = json.loads((path / "config.json").read_text()).get("rtloop_generated")
+    except (OSError, ValueError):
+        cached = None
+    if cached != make_config("tiny", seed=0)["rtloop_generated"]:
         tmp = path.with_name(f"{TINY_CACHE_NAME}.tmp-{os.getpid()}")
         make_checkpoint("tiny", tmp, seed=0)
+        shutil.rmtree(path, ignore_errors=True)  # an older generator's, if any
         os.replace(tmp, path)
     return path
 

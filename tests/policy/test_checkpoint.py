@@ -41,7 +41,7 @@ def test_tiny_round_trip(tiny_checkpoint):
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert not any(p.requires_grad for p in loaded.model.parameters())
-    assert loaded.config.generated == {"size": "tiny", "seed": 0, "random_weights": True}
+    assert loaded.config.generated == {"size": "tiny", "seed": 0, "random_weights": True, "action_bias": 2.0}
 
 
 def test_config_fields(tiny_checkpoint):
@@ -306,3 +306,19 @@ def test_statistics_with_the_wrong_action_dimension_are_named(ckpt, inspect_erro
     message = inspect_error(ckpt)
     assert f"{ckpt / 'dataset_statistics.json'}, key 'libero_goal': the action statistics have the wrong dimension" in message
     assert "q01 has 6 entries; OpenVLA's actions have 7" in message
+
+
+def test_a_stale_cached_random_checkpoint_is_made_again(tiny_checkpoint, tmp_path, monkeypatch):
+    """`rtloop run`'s fallback: a cached tiny checkpoint from an older generator (another action bias)
+    is replaced, a current one reused."""
+    from rtloop.runtime.command import TINY_CACHE_NAME, tiny_random_checkpoint
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cached = shutil.copytree(tiny_checkpoint, tmp_path / "rtloop" / TINY_CACHE_NAME)
+    config = json.loads((cached / "config.json").read_text())
+    config["rtloop_generated"]["action_bias"] = 1.0
+    (cached / "config.json").write_text(json.dumps(config))
+    assert tiny_random_checkpoint() == cached
+    assert load_checkpoint(cached).config.generated["action_bias"] == 2.0
+    before = (cached / "model.safetensors").stat().st_mtime_ns
+    assert tiny_random_checkpoint() == cached and (cached / "model.safetensors").stat().st_mtime_ns == before
