@@ -109,25 +109,38 @@ for step in $steps; do
     done
     tar -C /tmp/runs -czf "$OUT/runs.tar.gz" . ;;
   libero)
-    # Real LIBERO beside the 7b (random weights): what slows physics down, then the closed loop per engine,
-    # async and --sync, full horizon. Traces and summaries under $OUT/libero.tgz.
+    # Real LIBERO beside the 7b (random weights). First LIBERO alone and beside host loads that imitate a GPU
+    # policy (scripts/libero_alone.py), then per engine one `rtloop sweep` of async and --sync episodes at the
+    # full horizon: one process builds (compiles) the engine once for both modes. GPU memory is sampled
+    # throughout; py-spy samples the PROFILE_ENGINE's sweep for 20 s once its first episode runs.
     checkpoint7b
     mkdir -p "$OUT/alone"
-    for variant in ${ALONE_LOADS:-none cuda cuda-blocking cuda-process cpu-torch}; do
+    for variant in ${ALONE_LOADS:-none cuda cuda-blocking}; do
       say "LIBERO alone, load: $variant"
-      timeout 120 python3 scripts/libero_alone.py --steps ${ALONE_STEPS:-100} --load $variant \
+      timeout 120 python3 scripts/libero_alone.py --steps ${ALONE_STEPS:-120} --load $variant \
         --out "$OUT/alone/$variant.json" 2>&1 | grep '^{' | tee -a "$LOG"
     done
-    for spec in ${LIBERO_RUNS:-compiled+fp8:async compiled+fp8:sync compiled:async compiled:sync reference:async reference:sync}; do
-      engine=${spec%%:*} mode=${spec##*:}
-      name="libero-${engine//+/_}-$mode${THREADS_TAG:-}"
-      say "rtloop run real LIBERO --engine $engine ($mode) ${RUN_EXTRA:-}"
-      timeout ${RUN_TIMEOUT:-420} python3 -m rtloop run --rate 20 --engine "$engine" --device cuda \
-        --checkpoint /tmp/ck7b --episodes "${EPISODES:-3}" --quiet --metrics-port 0 $([ "$mode" = sync ] && echo --sync) \
-        ${RUN_EXTRA:-} --trace "/tmp/libero-runs/$name/trace.jsonl" 2>&1 | grep -v -i warn | tail -22 | tee -a "$LOG"
-      nvidia-smi --query-gpu=memory.used --format=csv,noheader | sed "s/^/$name gpu memory after: /" | tee -a "$LOG"
-    done
-    tar -C /tmp/libero-runs -czf "$OUT/libero.tgz" . ;;
+    for engine in ${LIBERO_ENGINES:-compiled+fp8 compiled reference}; do
+      name="libero-${engine//+/_}"
+      dir="/tmp/libero-runs/$name"
+      mkdir -p "$dir"
+      say "rtloop sweep real LIBERO --engine $engine: async and sync, ${EPISODES:-3} episodes each"
+      nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$dir/gpu-memory-mib.csv" &
+      smi=$!
+      timeout -s INT ${SWEEP_TIMEOUT:-560} python3 -m rtloop sweep --mode async,sync --tasks "${TASKS:-0}" \
+        --episodes "${EPISODES:-3}" --workers 1 --traces --engine "$engine" --device cuda --checkpoint /tmp/ck7b \
+        --out "$dir" ${RUN_EXTRA:-} 2>&1 | grep -v -i warn | tail -14 | tee -a "$LOG" &
+      sweep=$!
+      if [ "$engine" = "${PROFILE_ENGINE:-compiled}" ] && command -v py-spy >/dev/null; then
+        (until [ -e "$dir/traces/async_0ms/task${TASKS:-0}-ep0.jsonl" ]; do sleep 1; done; sleep 3
+         py-spy record --pid "$(pgrep -f -o 'rtloop sweep')" --subprocesses --threads --rate 100 --duration 20 \
+           --format speedscope -o "$OUT/pyspy-$name.json" >> "$LOG" 2>&1) &
+      fi
+      wait $sweep
+      kill $smi
+      echo "$name peak GPU memory: $(sort -n "$dir/gpu-memory-mib.csv" | tail -1) MiB" | tee -a "$LOG"
+      tar -C /tmp/libero-runs -czf "$OUT/$name.tgz" "$name"
+    done ;;
   fleet)
     # fleet capacity (issue 16): N envs of real LIBERO (set up first: ../shared/gpu-libero, then
     # `. /opt/libero-site/env.sh`), each in its own worker process (this machine has 16 cores and no Ray), one
