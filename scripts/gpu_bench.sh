@@ -132,9 +132,9 @@ for step in $steps; do
         --out "$dir" ${RUN_EXTRA:-} 2>&1 | grep -v -i warn | tail -14 | tee -a "$LOG" &
       sweep=$!
       if [ "$engine" = "${PROFILE_ENGINE:-compiled}" ] && command -v py-spy >/dev/null; then
-        (until [ -e "$dir/traces/async_0ms/task${TASKS:-0}-ep0.jsonl" ]; do sleep 1; done; sleep 3
-         py-spy record --pid "$(pgrep -f -o 'rtloop sweep')" --subprocesses --threads --rate 100 --duration 20 \
-           --format speedscope -o "$OUT/pyspy-$name.json" >> "$LOG" 2>&1) &
+        (for _ in $(seq 400); do [ -e "$dir/traces/async_0ms/task${TASKS:-0}-ep0.jsonl" ] && break; sleep 1; done
+         sleep 3; py-spy record --pid "$(pgrep -f -o '^python3 -m rtloop sweep')" --subprocesses --threads --rate 100 \
+           --duration 20 --format speedscope -o "$OUT/pyspy-$name.json") >> "$LOG" 2>&1 &
       fi
       wait $sweep
       kill $smi
