@@ -108,9 +108,10 @@ def center_crop_resize(img: np.ndarray, area: float) -> np.ndarray:
     y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
     wy, wx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
     f = img.astype(np.float32) / 255.0
-    top = f[y0][:, x0] * (1 - wx) + f[y0][:, x1] * wx
-    bottom = f[y1][:, x0] * (1 - wx) + f[y1][:, x1] * wx
-    out = np.clip(top * (1 - wy) + bottom * wy, 0.0, 1.0)
+    # bilinear is separable: rows first, then columns (two gathers instead of four; it is on the critical
+    # path of every inference)
+    rows = f[y0] * (1 - wy) + f[y1] * wy
+    out = np.clip(rows[:, x0] * (1 - wx) + rows[:, x1] * wx, 0.0, 1.0)
     return np.minimum(out * 255.5, 255).astype(np.uint8)  # tf.image.convert_image_dtype(..., uint8, saturate)
 
 

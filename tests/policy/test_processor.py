@@ -101,6 +101,24 @@ def test_center_crop_keeps_90_percent_of_area():
     assert np.array_equal(prepare_libero_image(quadrants()), cropped)
 
 
+def test_center_crop_is_the_four_tap_bilinear_crop():
+    """The separable form against tf.image.crop_and_resize's four-tap formula in float64."""
+    img = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    h, w = img.shape[:2]
+    side = math.sqrt(0.9)
+    ys = np.linspace((1 - side) / 2 * (h - 1), (1 + side) / 2 * (h - 1), h)
+    xs = np.linspace((1 - side) / 2 * (w - 1), (1 + side) / 2 * (w - 1), w)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    wy, wx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    f = img / 255.0
+    top = f[y0][:, x0] * (1 - wx) + f[y0][:, x1] * wx
+    bottom = f[y1][:, x0] * (1 - wx) + f[y1][:, x1] * wx
+    expected = np.minimum(np.clip(top * (1 - wy) + bottom * wy, 0, 1) * 255.5, 255).astype(np.uint8)
+    diff = np.abs(center_crop_resize(img, 0.9).astype(int) - expected)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
 def test_pil_images_are_taken_as_rgb_arrays():
     rgb = quadrants()
     assert np.array_equal(as_array(Image.fromarray(rgb)), rgb)
