@@ -20,11 +20,12 @@ def make_env(
     task_id: int = 0,
     seed: int = 0,
     replay_path: str | Path | None = None,
+    render: bool = True,
 ) -> SimEnv:
     if kind == "libero":
         from rtloop.sim.libero_env import LiberoEnv
 
-        return LiberoEnv(suite=suite, task_id=task_id, seed=seed)
+        return LiberoEnv(suite=suite, task_id=task_id, seed=seed, render=render)
     if kind == "replay":
         from rtloop.sim.replay import ReplayEnv
 

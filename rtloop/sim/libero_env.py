@@ -4,6 +4,16 @@ Protocol (openvla/openvla experiments/robot/libero/run_libero_eval.py): OffScree
 env.seed(seed), then per episode env.reset() + set_init_state(init_states[episode]), 10 settle steps with
 the dummy action, then at most the suite's horizon of policy steps; success is the env's `done`.
 Only the agentview camera is rendered (the official code also renders the wrist camera it never uses).
+With render=False (a policy that reads only privileged state, the scripted expert) nothing is rendered:
+LIBERO's ControlEnv is built with no offscreen renderer and no camera observables, and Observation.image is
+None, so a step costs physics only.
+
+Every Observation carries `state`, the privileged sim state (robosuite's names and conventions):
+- "robot0_eef_pos" (3,) the grip site, metres, world frame; "robot0_eef_quat" (4,) the hand, x y z w;
+- "robot0_gripper_qpos" (2,) the finger joints (about +0.04 / -0.04 fully open, 0 / 0 closed);
+- per object of the task's scene, keyed by its BDDL name (e.g. "alphabet_soup_1", "basket_1"):
+  "<name>_pos" (3,) body origin, "<name>_quat" (4,) x y z w, and "<name>_bbox" (2, 3): the world-frame
+  axis-aligned box (min row, max row) around the object's collision geoms, for grasp and clearance heights.
 
 Inside each step we time, separately:
 - physics: the MuJoCo substeps: mj_forward, the arm controller, mj_step (25 substeps of 2 ms per 50 ms step);
@@ -59,7 +69,8 @@ def horizon_for(suite: str) -> int:
 
 
 def _import_libero() -> tuple[Any, Any, Callable[[str], str]]:
-    """Import LIBERO quietly: robosuite's macro-file warnings are noise for a CLI; its errors still show."""
+    """Import LIBERO quietly: robosuite's macro-file warnings are noise for a CLI; its errors still show.
+    Returns (benchmark module, the envs module: ControlEnv and OffScreenRenderEnv, get_libero_path)."""
     os.environ.setdefault("MUJOCO_GL", "egl")
     # robosuite's DefaultLogger only sets levels on its handlers, so the logger's own level filters first.
     logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
@@ -67,10 +78,10 @@ def _import_libero() -> tuple[Any, Any, Callable[[str], str]]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # robosuite calls the deprecated Logger.warn
             from libero.libero import benchmark, get_libero_path
-            from libero.libero.envs import OffScreenRenderEnv
+            from libero.libero.envs import env_wrapper
     except Exception as e:
         raise SimError(_describe_failure("importing LIBERO failed", e)) from None
-    return benchmark, OffScreenRenderEnv, get_libero_path
+    return benchmark, env_wrapper, get_libero_path
 
 
 def suite_names() -> list[str]:
@@ -130,19 +141,29 @@ def _swallow_unraisable(_: Any) -> None:
     pass
 
 
-def _create_env(OffScreenRenderEnv: Any, bddl_file: str, camera_size: int, seed: int, what: str) -> Any:
-    """The official eval env, rendering only the policy camera (no depth, segmentation or wrist camera)."""
+def _create_env(env_wrapper: Any, bddl_file: str, camera_size: int, seed: int, render: bool, what: str) -> Any:
+    """The official eval env, rendering only the policy camera (no depth, segmentation or wrist camera);
+    with render=False, ControlEnv with no renderer at all (OffScreenRenderEnv forces one on)."""
     saved_hook = sys.unraisablehook
     try:
         try:
-            env = OffScreenRenderEnv(
-                bddl_file_name=bddl_file,
-                camera_names=[CAMERA],
-                camera_heights=camera_size,
-                camera_widths=camera_size,
-                camera_depths=False,
-                camera_segmentations=None,
-            )
+            if render:
+                env = env_wrapper.OffScreenRenderEnv(
+                    bddl_file_name=bddl_file,
+                    camera_names=[CAMERA],
+                    camera_heights=camera_size,
+                    camera_widths=camera_size,
+                    camera_depths=False,
+                    camera_segmentations=None,
+                )
+            else:
+                env = env_wrapper.ControlEnv(
+                    bddl_file_name=bddl_file,
+                    has_renderer=False,
+                    has_offscreen_renderer=False,
+                    use_camera_obs=False,
+                    camera_names=[],
+                )
             env.seed(seed)
             return env
         except Exception as e:
@@ -154,6 +175,54 @@ def _create_env(OffScreenRenderEnv: Any, bddl_file: str, camera_size: int, seed:
         raise SimError(failure)
     finally:
         sys.unraisablehook = saved_hook
+
+
+ROBOT_STATE_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
+
+_BOX_CORNERS = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=np.float64)
+
+
+class _SceneState:
+    """The privileged state of one built scene (see the module docstring). Geom ids are looked up once per
+    MjSim: robosuite builds a new one on every reset."""
+
+    def __init__(self, robot_env: Any) -> None:
+        model = robot_env.sim.model
+        self._data = robot_env.sim.data
+        self._names = list(robot_env.objects_dict)
+        body_ids = {name: robot_env.obj_body_id[name] for name in self._names}
+        # An object's geoms hang off its body or the body's descendants; only colliding ones shape the box.
+        owner = {}
+        for body in range(model.nbody):
+            root = body
+            while root and root not in body_ids.values():
+                root = model.body_parentid[root]
+            if root:
+                owner[body] = root
+        self._geoms = {
+            name: np.array([
+                g for g in range(model.ngeom)
+                if owner.get(model.geom_bodyid[g]) == bid and (model.geom_contype[g] or model.geom_conaffinity[g])
+            ], dtype=np.int64)
+            for name, bid in body_ids.items()
+        }
+        self._aabb = model.geom_aabb  # per geom: centre (3) and half sizes (3) in the geom's frame
+
+    def bbox(self, name: str) -> np.ndarray:
+        geoms = self._geoms[name]
+        local = self._aabb[geoms, None, :3] + self._aabb[geoms, None, 3:] * _BOX_CORNERS  # [G, 8, 3]
+        rot = self._data.geom_xmat[geoms].reshape(-1, 3, 3)
+        world = np.einsum("gij,gkj->gki", rot, local) + self._data.geom_xpos[geoms, None, :]
+        points = world.reshape(-1, 3)
+        return np.stack([points.min(axis=0), points.max(axis=0)])
+
+    def read(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        state = {key: np.array(obs[key], dtype=np.float64) for key in ROBOT_STATE_KEYS}
+        for name in self._names:
+            state[f"{name}_pos"] = np.array(obs[f"{name}_pos"], dtype=np.float64)
+            state[f"{name}_quat"] = np.array(obs[f"{name}_quat"], dtype=np.float64)
+            state[f"{name}_bbox"] = self.bbox(name)
+        return state
 
 
 class _StageClock:
@@ -194,20 +263,23 @@ class LiberoEnv:
         camera_size: int = 256,
         seed: int = 0,
         settle_steps: int = 10,
+        render: bool = True,
     ) -> None:
         bench, task = load_task(suite, task_id)  # bad suite / task fail here, before the ~8 s env build
-        _, OffScreenRenderEnv, get_libero_path = _import_libero()
+        _, env_wrapper, get_libero_path = _import_libero()
         self.suite = suite
         self.task_id = task_id
         self.task_name = task.name
         self.instruction = task.language
         self.horizon = horizon_for(suite)
         self.settle_steps = settle_steps
+        self.render = render
         self.init_states = bench.get_task_init_states(task_id)
         bddl_file = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
         self._clock = _StageClock()
         self._steps = 0
-        self._env = _create_env(OffScreenRenderEnv, bddl_file, camera_size, seed, f"{suite} task {task_id}")
+        self._env = _create_env(env_wrapper, bddl_file, camera_size, seed, render, f"{suite} task {task_id}")
+        self._scene: _SceneState | None = None
         robot_env = self._env.env
         robot_env._pre_action = self._clock.wrap("physics", robot_env._pre_action)
 
@@ -220,13 +292,18 @@ class LiberoEnv:
         try:
             self._env.reset()
             self._instrument_sim()  # hard_reset builds a new MjSim on every reset
+            self._scene = _SceneState(self._env.env)
             obs = self._env.set_init_state(self.init_states[episode])
             for _ in range(self.settle_steps):
                 obs, _, _, _ = self._env.step(DUMMY_ACTION)
         except Exception as e:
             raise SimError(_describe_failure(f"LIBERO reset to episode {episode} failed", e)) from e
         self._steps = 0
-        return Observation(obs[f"{CAMERA}_image"])
+        return self._observation(obs)
+
+    def _observation(self, obs: dict[str, np.ndarray]) -> Observation:
+        image = obs[f"{CAMERA}_image"] if self.render else None
+        return Observation(image, self._scene.read(obs))
 
     def _instrument_sim(self) -> None:
         sim = self._env.sim
@@ -243,7 +320,7 @@ class LiberoEnv:
         self._steps += 1
         success = bool(env_done)
         return StepResult(
-            obs=Observation(obs[f"{CAMERA}_image"]),
+            obs=self._observation(obs),
             done=success or self._steps >= self.horizon,
             success=success,
             timings=dict(self._clock.totals),
