@@ -11,8 +11,8 @@ basket? is the hand at the grasp pose? Each motion is a proportional command tow
 scaled down as a whole when it saturates. So an action the runtime applies several ticks in a row (async
 mode with latency) moves the arm a little past its target and the next fresh action brings it back; an
 object that slips or a grasp that misses simply sends the arm back to an earlier stage. The only memory is
-the previous gripper opening (is the grip still tightening?), whether a missed grasp is reopening and
-whether a release has begun (the fingers take a few steps to let go).
+the previous gripper opening (is the grip still tightening?), whether the grip was already established,
+whether a missed grasp is reopening and whether a release has begun (the fingers take a few steps to let go).
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ GRASP_DEPTH = 0.035  # the grip site goes this far below the object's top, when 
 RIM_CLEARANCE = 0.03  # the held object's bottom clears the basket rim by this while carrying
 RELEASE_DEPTH = 0.0  # release with the object's bottom this far above the rim (negative: inside)
 XY_TOLERANCE = 0.01
+NEAR = 0.03  # closer than this (xy) to the object, the hand stops travelling at hover height
+ABOVE_MARGIN = 0.02  # the grip site this far above the object's top: fingertips just clear it
 Z_TOLERANCE = 0.01
 BASKET_TOLERANCE = 0.015
 YAW_TOLERANCE = 0.15
@@ -155,6 +157,7 @@ class ScriptedExpert:
         self._previous_gap: float | None = None
         self._reopening = False
         self._releasing = False
+        self._held = False
         self.stage = ""  # the last decision, for tests and debugging
 
     def warmup(self, obs: Observation, instruction: str) -> None:
@@ -225,7 +228,9 @@ class ScriptedExpert:
         hover_z = max(s.tallest, s.high[2]) + HOVER_MARGIN
         xy_error = np.linalg.norm(s.center[:2] - s.eef[:2])
         yaw_error = self._yaw_error(s, closing)
-        at_grasp = xy_error < XY_TOLERANCE and abs(s.eef[2] - grasp_z) < Z_TOLERANCE
+        # Once the fingers are closing, a nudged object or hand does not abort the grasp.
+        slack = 2.0 if s.gap < OPEN_GAP else 1.0
+        at_grasp = xy_error < slack * XY_TOLERANCE and abs(s.eef[2] - grasp_z) < slack * Z_TOLERANCE
         if self._reopening and s.gap >= OPEN_GAP:
             self._reopening = False
         if at_grasp and not self._reopening:
@@ -235,21 +240,32 @@ class ScriptedExpert:
                 self.stage = "grasp"
                 return self._move(s, np.array([*s.center[:2], grasp_z])), \
                     self._level(s, closing), GRIPPER_CLOSE
-        aligned = xy_error < XY_TOLERANCE and yaw_error < YAW_TOLERANCE and s.gap >= OPEN_GAP
-        if aligned or (xy_error < 2 * XY_TOLERANCE and s.eef[2] < hover_z - Z_TOLERANCE):
+        # Down only once centred, aligned and open; off centre, hold the height (or rise to just above the
+        # object) while the hand centres, so it never presses down on the object's top while sliding.
+        above_z = s.high[2] + ABOVE_MARGIN
+        if xy_error < XY_TOLERANCE and yaw_error < YAW_TOLERANCE and s.gap >= OPEN_GAP:
             self.stage = "descend"
-            return self._move(s, np.array([*s.center[:2], grasp_z])), self._level(s, closing), GRIPPER_OPEN
-        self.stage = "approach"
-        return self._move(s, np.array([*s.center[:2], hover_z])), self._level(s, closing), GRIPPER_OPEN
+            z = grasp_z
+        elif xy_error < NEAR:
+            self.stage = "centre"
+            z = max(above_z, s.eef[2]) if s.eef[2] >= s.high[2] else s.eef[2]
+        else:
+            self.stage = "approach"
+            z = hover_z
+        return self._move(s, np.array([*s.center[:2], z])), self._level(s, closing), GRIPPER_OPEN
 
     def _holding(self, s: _Scene) -> bool:
-        """Fingers closed on the target and no longer tightening: the object moves with the hand."""
+        """Fingers closed on the target: the object moves with the hand. A grip counts once it has stopped
+        tightening, and then for as long as the object stays between the fingers (a wobble of the fingers
+        mid-carry must not read as a release)."""
         between = (
             np.linalg.norm(s.center[:2] - s.eef[:2]) < 0.03
             and s.low[2] - Z_TOLERANCE < s.eef[2] < s.high[2] + Z_TOLERANCE
+            and EMPTY_GAP <= s.gap < OPEN_GAP
         )
         settled = self._previous_gap is not None and abs(s.gap - self._previous_gap) < GRIP_SETTLED
-        return between and EMPTY_GAP <= s.gap < OPEN_GAP and settled
+        self._held = between and (self._held or settled)
+        return self._held
 
     def _in_basket(self, s: _Scene) -> bool:
         inside = np.all(s.center[:2] > s.basket_low[:2]) and np.all(s.center[:2] < s.basket_high[:2])
