@@ -6,6 +6,7 @@ import pytest
 from rtloop.errors import InputError
 from rtloop.policy.expert import (
     LABEL,
+    POSITION_GAIN,
     POSITION_SCALE,
     ScriptedExpert,
     check_suite,
@@ -102,7 +103,7 @@ def test_command_is_proportional_near_the_target():
     assert expert.stage == "descend" and out.action[6] == -1.0
     assert -1.0 < out.action[2] < 0  # down, unsaturated
     grasp_z = 0.076 - 0.035
-    assert out.action[2] == pytest.approx(2.0 * (grasp_z - 0.06) / POSITION_SCALE)
+    assert out.action[2] == pytest.approx(POSITION_GAIN * (grasp_z - 0.06) / POSITION_SCALE)
 
 
 def test_at_the_grasp_pose_it_closes_then_lifts_once_the_grip_settles():
