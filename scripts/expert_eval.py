@@ -7,6 +7,9 @@ interrupted measurement resumes. --report writes the per-task table (Markdown) a
 
     PYTHONPATH=$PWD nice -n 10 python scripts/expert_eval.py --out profiles/expert-libero_object/episodes.jsonl
     PYTHONPATH=$PWD python scripts/expert_eval.py --report profiles/expert-libero_object/episodes.jsonl
+
+What rendering costs: the same episodes with and without --render (--tasks 0 --episodes 0-2), then
+--compare-render on the two files.
 """
 
 from __future__ import annotations
@@ -159,6 +162,25 @@ def report(path: Path) -> None:
     print("\n".join(lines))
 
 
+def compare_render(paths: list[Path]) -> None:
+    """Per-episode means of the same episodes with and without rendering, as a Markdown table beside them."""
+    lines = [
+        "| render | episodes | steps | episode wall (s, reset included) | step (ms) | physics (ms) | render (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for path in paths:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        steps = sum(r["steps"] for r in rows)
+        per_step = {k: 1000 * sum(r[k] for r in rows) / steps for k in ("step_s", "physics_s", "render_s")}
+        lines.append(
+            f"| {rows[0]['render']} | {len(rows)} | {steps / len(rows):.0f} | "
+            f"{sum(r['wall_s'] for r in rows) / len(rows):.1f} | {per_step['step_s']:.1f} | "
+            f"{per_step['physics_s']:.1f} | {per_step['render_s']:.1f} |"
+        )
+    paths[0].with_name("README.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default="libero_object")
@@ -168,10 +190,15 @@ def main() -> int:
     parser.add_argument("--render", action="store_true", help="render the agentview camera (to time its cost)")
     parser.add_argument("--out", type=Path, help="append one JSON line per episode; skip pairs already in it")
     parser.add_argument("--report", type=Path, metavar="JSONL", help="write README.md + summary.json beside it")
+    parser.add_argument("--compare-render", type=Path, nargs="+", metavar="JSONL",
+                        help="tabulate runs of the same episodes with and without --render (README.md beside them)")
     args = parser.parse_args()
     try:
         if args.report:
             report(args.report)
+            return 0
+        if args.compare_render:
+            compare_render(args.compare_render)
             return 0
         check_suite(args.suite)
         done = set()
