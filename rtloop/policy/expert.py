@@ -113,11 +113,11 @@ def rotation_vector(r: np.ndarray) -> np.ndarray:
     angle = np.arccos(cos)
     if angle < 1e-6:
         return np.zeros(3)
-    if np.pi - angle < 1e-3:  # near 180 degrees the skew part vanishes: take the axis from the diagonal
-        axis = np.sqrt(np.clip((np.diag(r) + 1) / 2, 0.0, 1.0))
-        i = int(np.argmax(axis))
-        axis = np.array([axis[i]] + [r[i, j] / (2 * axis[i]) for j in range(3) if j != i])
-        axis = np.roll(axis, i) if i else axis
+    if np.pi - angle < 1e-3:  # near 180 degrees the skew part vanishes; r = 2 a a^T - I gives the axis a
+        i = int(np.argmax(np.diag(r)))
+        a_i = np.sqrt(max((r[i, i] + 1) / 2, 0.0))
+        axis = r[:, i] / (2 * a_i)
+        axis[i] = a_i
         return axis / np.linalg.norm(axis) * angle
     skew = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]])
     return skew / (2 * np.sin(angle)) * angle

@@ -82,6 +82,8 @@ def test_rotation_helpers_agree():
     q = np.array([*(axis * np.sin(angle / 2)), np.cos(angle / 2)])
     assert np.allclose(rotation_vector(quat_to_matrix(q)), axis * angle)
     assert np.allclose(rotation_vector(quat_to_matrix(DOWN)), [np.pi, 0, 0])
+    half_turn = quat_to_matrix(np.array([*axis, 0.0]))  # 180 degrees about `axis`
+    assert np.allclose(rotation_vector(half_turn), axis * np.pi)
 
 
 def test_far_from_the_object_it_travels_open_and_saturated():
