@@ -22,7 +22,8 @@ from prometheus_client.exposition import start_http_server
 
 from rtloop import errors
 from rtloop.errors import MetricsError
-from rtloop.runtime.records import EpisodeRecord, InferenceRecord, TickRecord
+from rtloop.policy.base import ALERT_KINDS, STAGES
+from rtloop.runtime.records import ACTION_SOURCES, EpisodeRecord, InferenceRecord, TickRecord
 
 # Tuned for 1 ms .. 1 s, dense around a 20 Hz tick (50 ms) and a 10 Hz one, with sub-millisecond buckets for
 # tick lateness (jitter is usually well under 1 ms) and a tail for CPU runs of the full model.
@@ -31,9 +32,7 @@ LATENCY_BUCKETS = (
     0.06, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
 )
 
-INFERENCE_STAGES = ("processor", "generate", "detokenize")
 SIM_STAGES = ("step", "render", "physics")
-ACTION_SOURCES = ("fresh", "held", "dummy")
 RUN_LABELS = ("suite", "task", "engine")
 
 # Error and alert kinds become label values; anything beyond this many distinct kinds is counted as "other",
@@ -142,10 +141,8 @@ class PrometheusSink:
                 "action_age", "ticks", "overruns", "dropped", "inferences", "episodes", "successes",
             )}
         )
-        self._run["stage"] = {s: self._stage.labels(**labels, stage=s) for s in (*INFERENCE_STAGES, *SIM_STAGES)}
+        self._run["stage"] = {s: self._stage.labels(**labels, stage=s) for s in (*STAGES, *SIM_STAGES)}
         self._run["actions"] = {s: self._actions.labels(**labels, source=s) for s in ACTION_SOURCES}
-        from rtloop.policy.guards import ALERT_KINDS  # here, not at the top: it imports torch
-
         for kind in _error_kinds():
             self._count_kind("errors", kind, 0)
         for kind in (*ALERT_KINDS, "other"):
@@ -180,7 +177,7 @@ class PrometheusSink:
         run["queue_wait"].observe(rec.queue_wait_s)
         run["frame_age"].observe(rec.frame_age_s)
         for stage, seconds in rec.stages.items():
-            if stage in INFERENCE_STAGES:
+            if stage in STAGES:
                 run["stage"][stage].observe(seconds)
 
     def on_episode(self, rec: EpisodeRecord) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol
 
+# fresh: first use of a new action; held: reused; dummy: none yet
+ACTION_SOURCES = ("fresh", "held", "dummy")
 ActionSource = Literal["fresh", "held", "dummy"]
 
 

@@ -18,7 +18,7 @@ from prometheus_client import generate_latest
 
 from rtloop.metrics.exporter import PrometheusSink
 from rtloop.metrics.promapi import DASHBOARD, dashboard_queries
-from rtloop.runtime.command import add_arguments
+from rtloop.commands.run import add_arguments
 
 GRAFANA = Path(__file__).resolve().parents[2] / "grafana"
 

@@ -17,9 +17,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = Path("weights/openvla-7b")
-TINY_CACHE_NAME = "openvla-tiny-random"
-
+from rtloop.commands.policies import build_policy, parse_policy, resolve_checkpoint
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=20.0, help="sim ticks per second (default 20)")
@@ -27,8 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", type=int, default=0, help="task id within the suite (default 0)")
     p.add_argument("--episodes", type=int, default=1, help="how many episodes (init states) to run (default 1)")
     p.add_argument("--episode-start", type=int, default=0, help="first init-state index (default 0)")
+    p.add_argument("--policy", default="openvla",
+                   help="what acts: openvla (default), expert (the scripted expert: privileged sim state, no images), "
+                        "or ws://HOST:PORT (a policy server in openpi's protocol, e.g. `rtloop serve`)")
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help=f"OpenVLA checkpoint directory (default {DEFAULT_CHECKPOINT}; when it is absent, a tiny "
+                   help="OpenVLA checkpoint directory (default weights/openvla-7b; when it is absent, a tiny "
                         "random-weight checkpoint cached under ~/.cache/rtloop)")
     p.add_argument("--unnorm-key", default=None, help="action statistics key (default: the suite's)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
@@ -60,38 +61,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no live view (the summary is still printed)")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rtloop"
-
-
-def tiny_random_checkpoint() -> Path:
-    """The fallback checkpoint: generated once, then reused. Made in a temporary directory and renamed, so
-    an interrupted generation never leaves a half-written checkpoint in the cache."""
-    from rtloop.policy.checkpoint import make_checkpoint
-
-    path = cache_dir() / TINY_CACHE_NAME
-    if not (path / "config.json").exists():
-        tmp = path.with_name(f"{TINY_CACHE_NAME}.tmp-{os.getpid()}")
-        make_checkpoint("tiny", tmp, seed=0)
-        os.replace(tmp, path)
-    return path
-
-
-def resolve_checkpoint(arg: Path | None) -> Path:
-    from rtloop.policy.checkpoint import check_checkpoint_dir
-
-    if arg is not None:
-        check_checkpoint_dir(arg)  # explicit and missing: a one-line CheckpointError
-        return arg
-    if DEFAULT_CHECKPOINT.exists():
-        check_checkpoint_dir(DEFAULT_CHECKPOINT)
-        return DEFAULT_CHECKPOINT
-    path = tiny_random_checkpoint()
-    print(f"rtloop: no checkpoint at {DEFAULT_CHECKPOINT}: using a tiny RANDOM-WEIGHT checkpoint ({path}); "
-          "the arm will not solve the task", file=sys.stderr)
-    return path
-
-
 def validate(args: argparse.Namespace) -> None:
     """The cheap checks, before the ~8 s env build and the model load."""
     from rtloop.errors import InputError, SimError
@@ -114,13 +83,17 @@ def validate(args: argparse.Namespace) -> None:
         from rtloop.runtime.video import check_video_path
 
         check_video_path(args.video)
-    from rtloop.policy.engines import check_engine_device
+    from rtloop.commands.device import resolve_device
 
-    # fastest measured engine on an H100 (profiles/bench-h100-7b.md); the graph engines need CUDA
-    args.device = pick_device(args.device)
-    if args.engine is None:
-        args.engine = "compiled" if args.device.startswith("cuda") else "eager"
-    check_engine_device(args.engine, args.device)
+    args.policy_spec = parse_policy(args.policy)
+    args.device = resolve_device(args.device)
+    if args.policy_spec.kind == "openvla":
+        from rtloop.policy.engines import check_engine_device
+
+        # fastest measured engine on an H100 (profiles/bench-h100-7b.md); the graph engines need CUDA
+        if args.engine is None:
+            args.engine = "compiled" if args.device.startswith("cuda") else "eager"
+        check_engine_device(args.engine, args.device)
     if args.sim == "libero":
         if os.environ.setdefault("MUJOCO_GL", "egl") == "egl":
             import ctypes
@@ -132,14 +105,6 @@ def validate(args: argparse.Namespace) -> None:
         from rtloop.sim.libero_env import load_task
 
         load_task(args.suite, args.task)  # unknown suite / task id: one line, listing the valid ones
-
-
-def pick_device(arg: str) -> str:
-    import torch
-
-    if arg == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return arg
 
 
 def default_trace_path() -> Path:
@@ -166,32 +131,13 @@ def machine(device: str) -> dict:
     return info
 
 
-def build_policy(args: argparse.Namespace, checkpoint: Path, device: str):
-    if args.policy_process:
-        from rtloop.runtime.policy_process import ProcessPolicy
-
-        in_child = argparse.Namespace(**{**vars(args), "policy_process": False})
-        return ProcessPolicy(build_policy, in_child, checkpoint, device)
-
-    import torch
-
-    from rtloop.policy.openvla import OpenVLAPolicy
-    from rtloop.runtime.slow import SlowPolicy
-
-    if args.torch_threads is not None:
-        torch.set_num_threads(args.torch_threads)
-
-    policy = OpenVLAPolicy(checkpoint, unnorm_key=args.unnorm_key, suite=args.suite, device=device,
-                           engine=args.engine, center_crop=args.center_crop)
-    if args.inject_delay > 0:
-        policy = SlowPolicy(policy, args.inject_delay, args.inject_mode)
-    return policy
-
-
-def build_env(args: argparse.Namespace):
+def build_env(args: argparse.Namespace, render: bool = True):
+    """render=False for a policy that needs no images (only then passed: an env without the option renders)."""
     from rtloop.sim import make_env
 
-    return make_env(kind=args.sim, suite=args.suite, task_id=args.task, seed=args.seed, replay_path=args.replay)
+    options = {} if render else {"render": False}
+    return make_env(kind=args.sim, suite=args.suite, task_id=args.task, seed=args.seed, replay_path=args.replay,
+                    **options)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -207,9 +153,11 @@ def main(args: argparse.Namespace) -> int:
     from rtloop.runtime.worker import WorkerThread
 
     validate(args)
-    checkpoint = resolve_checkpoint(args.checkpoint)
+    spec = args.policy_spec
+    checkpoint = resolve_checkpoint(args.checkpoint) if spec.kind == "openvla" else None
     device = args.device  # resolved by validate
-    if args.torch_threads is None and device == "cpu" and not args.sync:
+    engine = spec.engine_label or args.engine
+    if spec.kind == "openvla" and args.torch_threads is None and device == "cpu" and not args.sync:
         # Measured on the 2-core machine: torch's 2 threads and LIBERO's software renderer oversubscribe
         # the CPU and both slow down several-fold (README, runtime section).
         args.torch_threads = max(1, (os.cpu_count() or 2) - 1)
@@ -221,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
         sim_thread, policy_thread = WorkerThread("rtloop-sim"), WorkerThread("rtloop-policy")
         cleanup.callback(policy_thread.close)
         cleanup.callback(sim_thread.close)
-        env_future = sim_thread.submit(build_env, args)
+        env_future = sim_thread.submit(build_env, args, spec.needs_images)
         policy_future = policy_thread.submit(build_policy, args, checkpoint, device)
         env = env_future.result()
         cleanup.callback(sim_thread.call, env.close)
@@ -252,11 +200,11 @@ def main(args: argparse.Namespace) -> int:
                           keep_frames=args.video is not None)
         video = VideoWriter(args.video, args.rate) if args.video is not None else None
         runtime.sinks.on_run_start({
-            "rate": args.rate, "suite": env.suite, "task": env.task_id, "engine": args.engine, "sync": args.sync,
+            "rate": args.rate, "suite": env.suite, "task": env.task_id, "engine": engine, "sync": args.sync,
             "policy": policy.label, "random_weights": "RANDOM WEIGHTS" in policy.label, "sim": env.label,
             "instruction": env.instruction, "horizon": env.horizon, "steps_limit": config.steps_limit(env.horizon),
-            "checkpoint": str(checkpoint), "device": device, "torch_threads": args.torch_threads,
-            "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+            "checkpoint": None if checkpoint is None else str(checkpoint), "device": device, "torch_threads": args.torch_threads,
+            "config": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "policy_spec"},
             "machine": machine(device), "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
 

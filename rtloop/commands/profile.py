@@ -27,7 +27,7 @@ OWN_RUN_OPTIONS = ("trace",)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from rtloop.runtime.command import add_arguments as add_run_arguments
+    from rtloop.commands.run import add_arguments as add_run_arguments
 
     before = set(p._actions)
     add_run_arguments(p)
@@ -75,12 +75,12 @@ def torch_profile(args: argparse.Namespace, out_dir: Path) -> dict | None:
     """Profile --torch-calls inferences of the run's policy (same checkpoint, engine, device), on the
     recorded LIBERO frames `rtloop bench` uses, after warm-up."""
     from rtloop.bench import DEFAULT_FRAMES
+    from rtloop.commands.policies import build_policy, resolve_checkpoint
     from rtloop.profiling.torch_trace import load_profile_frames, profile_policy
-    from rtloop.runtime.command import build_policy, pick_device, resolve_checkpoint
 
-    if args.torch_calls == 0:
+    if args.torch_calls == 0 or args.policy_spec.kind != "openvla":  # the torch profiler profiles OpenVLA
         return None
-    device = pick_device(args.device)
+    device = args.device  # resolved by validate
     policy = build_policy(args, resolve_checkpoint(args.checkpoint), device)
     frames, source = load_profile_frames(DEFAULT_FRAMES)
     summary = profile_policy(policy, frames, args.torch_calls, out_dir / "torch_trace.json", cuda=device.startswith("cuda"))
@@ -94,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
     from rtloop.profiling.flamegraph import collapse, render_svg
     from rtloop.profiling.report import build_report, write_report
     from rtloop.profiling.torch_trace import check_trace
-    from rtloop.runtime.command import validate
+    from rtloop.commands.run import validate
     from rtloop.runtime.trace import read_trace
 
     if args.rate_hz < 1:
