@@ -146,7 +146,8 @@ def main(args: argparse.Namespace) -> int:
     import anyio
 
     from rtloop.runtime.live import LiveView, run_live_view
-    from rtloop.runtime.loop import Fanout, LoopConfig, Runtime, first_error
+    from rtloop.runtime.loop import LoopConfig, Runtime, first_error
+    from rtloop.runtime.records import Fanout, RunRecord
     from rtloop.runtime.summary import RecordLog, format_summary, summarize
     from rtloop.runtime.trace import TraceSink
     from rtloop.runtime.video import VideoWriter
@@ -199,14 +200,14 @@ def main(args: argparse.Namespace) -> int:
         runtime = Runtime(env, policy, sim_thread, policy_thread, Fanout(sinks), config,
                           keep_frames=args.video is not None)
         video = VideoWriter(args.video, args.rate) if args.video is not None else None
-        runtime.sinks.on_run_start({
+        runtime.sinks.on_record(RunRecord({
             "rate": args.rate, "suite": env.suite, "task": env.task_id, "engine": engine, "sync": args.sync,
             "policy": policy.label, "random_weights": "RANDOM WEIGHTS" in policy.label, "sim": env.label,
             "instruction": env.instruction, "horizon": env.horizon, "steps_limit": config.steps_limit(env.horizon),
             "checkpoint": None if checkpoint is None else str(checkpoint), "device": device, "torch_threads": args.torch_threads,
             "config": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "policy_spec"},
             "machine": machine(device), "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
+        }))
 
         async def run_all() -> None:
             async with anyio.create_task_group() as tg:

@@ -24,9 +24,10 @@ class WorkerThread:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
     async def run(self, fn: Callable[..., T], *args) -> T:
-        """Run fn(*args) on this thread and wait for it. A blocking call cannot be interrupted, so a
-        cancellation (end of episode, Ctrl-C) waits for the call in flight: no call outlives its caller,
-        and the env is never closed while a step is still running."""
+        """Run fn(*args) on this thread and wait for it. A blocking call cannot be interrupted: on
+        cancellation (end of episode, a signal) the caller stops waiting at once and the call finishes on
+        its thread, its result dropped. Calls run one at a time in order, so the next one (the env's close,
+        the next episode's reset) starts only after it; close() waits for it, so no thread outlives the run."""
         token = anyio.lowlevel.current_token()
         finished = anyio.Event()
 
@@ -34,11 +35,13 @@ class WorkerThread:
             try:
                 return fn(*args)
             finally:
-                anyio.from_thread.run_sync(finished.set, token=token)
+                try:
+                    anyio.from_thread.run_sync(finished.set, token=token)
+                except RuntimeError:  # the event loop is gone: nobody waits for this call any more
+                    pass
 
         future = self._pool.submit(job)
-        with anyio.CancelScope(shield=True):
-            await finished.wait()
+        await finished.wait()
         return future.result()
 
     def submit(self, fn: Callable[..., T], *args) -> Future[T]:
@@ -49,4 +52,5 @@ class WorkerThread:
         return self._pool.submit(fn, *args).result()
 
     def close(self) -> None:
+        """Waits for the call in flight (an abandoned one included), then ends the thread."""
         self._pool.shutdown(wait=True)

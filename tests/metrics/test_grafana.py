@@ -19,6 +19,7 @@ from prometheus_client import generate_latest
 from rtloop.metrics.exporter import PrometheusSink
 from rtloop.metrics.promapi import DASHBOARD, dashboard_queries
 from rtloop.commands.run import add_arguments
+from rtloop.runtime.records import RunRecord
 
 GRAFANA = Path(__file__).resolve().parents[2] / "grafana"
 
@@ -44,7 +45,7 @@ def test_dashboard_has_the_required_panels_and_only_known_metrics():
     assert sum("histogram_quantile(0.99" in q.expr for q in queries) >= 6  # p99 of every stage
 
     sink = PrometheusSink()
-    sink.on_run_start({"rate": 10, "suite": "libero_object", "task": 0, "engine": "eager", "policy": "x"})
+    sink.on_record(RunRecord({"rate": 10, "suite": "libero_object", "task": 0, "engine": "eager", "policy": "x"}))
     exported = set(re.findall(r"^(rtloop_\w+?)(?:\{| )", generate_latest(sink.registry).decode(), re.M))
     used = {name for q in queries for name in re.findall(r"rtloop_\w+", q.expr)}
     assert used and used <= exported, used - exported

@@ -8,7 +8,8 @@ import anyio
 import pytest
 
 from rtloop.policy.openvla import OpenVLAPolicy
-from rtloop.runtime.loop import Fanout, LoopConfig, Runtime
+from rtloop.runtime.loop import LoopConfig, Runtime
+from rtloop.runtime.records import Fanout
 from rtloop.runtime.summary import RecordLog
 from rtloop.runtime.trace import TraceSink, read_trace
 from rtloop.runtime.worker import WorkerThread
