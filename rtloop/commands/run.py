@@ -1,16 +1,20 @@
-"""`rtloop run`: OpenVLA drives LIBERO in closed loop, in real time.
+"""`rtloop run`: a policy (OpenVLA by default) drives LIBERO in closed loop, in real time.
 
 Exit status: 0 when every episode ran to its end (success or not); 1 when an episode ended on a policy or
-sim error (the run goes on with the next episode, the error is in the trace and the summary); 2 on bad
-input (one line, nothing started); 130 on Ctrl-C (the episode in flight is recorded as interrupted, the env
-closed, the trace flushed and the summary printed first).
+sim error (the run goes on with the next episode, the error is in the trace and the summary), or the trace,
+summary or video could not be written (warned, the summary still printed); 2 on bad input (one line;
+nothing started, or, for an input error met mid-run, after the summary); 130 on Ctrl-C and 143 on SIGTERM
+(the episode in flight is recorded as interrupted, the env closed, the trace flushed and the summary
+printed first).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import platform
 import sys
 import time
@@ -49,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replay", type=Path, default=None, help="recorded frames for --sim replay (default: the recording shipped in tests/data)")
     p.add_argument("--inject-delay", type=float, default=0.0, metavar="SECONDS",
                    help="add this much latency to every inference (to study held actions and drops)")
+    p.add_argument("--max-action-age", type=float, default=1.0, metavar="SECONDS",
+                   help="an action older than this (since its frame was captured) is not applied: the sim applies "
+                        "the stop action (no motion, gripper unchanged) and alerts once (default 1.0)")
     p.add_argument("--inject-mode", choices=("sleep", "spin-gil", "spin-nogil"), default="sleep",
                    help="how the injected delay is spent: sleeping (default), burning CPU in Python holding the "
                         "GIL, or burning CPU in native code without it")
@@ -62,29 +69,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def validate(args: argparse.Namespace) -> None:
-    """The cheap checks, before the ~8 s env build and the model load."""
+    """Every check that needs no heavy load, before the ~8 s env build and the model load."""
+    from rtloop.commands.device import resolve_device
+    from rtloop.commands.paths import check_writable
     from rtloop.errors import InputError, SimError
+    from rtloop.sim.replay import INIT_STATES_PER_TASK
 
-    if not args.rate > 0:
-        raise InputError(f"--rate must be > 0 (got {args.rate:g})")
+    def finite(option: str, value: float, low: float, low_ok: bool) -> None:
+        ok = math.isfinite(value) and (value >= low if low_ok else value > low)
+        if not ok:
+            raise InputError(f"{option} must be a finite number {'>=' if low_ok else '>'} {low:g} (got {value:g})")
+
+    finite("--rate", args.rate, 0, low_ok=False)
+    finite("--inject-delay", args.inject_delay, 0, low_ok=True)
+    finite("--max-action-age", args.max_action_age, 0, low_ok=False)
     if args.episodes < 1:
         raise InputError(f"--episodes must be >= 1 (got {args.episodes})")
+    if not 0 <= args.episode_start or args.episode_start + args.episodes > INIT_STATES_PER_TASK:
+        raise InputError(f"--episode-start {args.episode_start} --episodes {args.episodes}: a task has "
+                         f"{INIT_STATES_PER_TASK} init states, 0..{INIT_STATES_PER_TASK - 1}")
+    if not 0 <= args.seed < 2**32:
+        raise InputError(f"--seed must be 0..{2**32 - 1} (got {args.seed})")
     if args.max_steps is not None and args.max_steps < 1:
         raise InputError(f"--max-steps must be >= 1 (got {args.max_steps})")
     if args.torch_threads is not None and args.torch_threads < 1:
         raise InputError(f"--torch-threads must be >= 1 (got {args.torch_threads})")
-    if args.inject_delay < 0:
-        raise InputError(f"--inject-delay must be >= 0 (got {args.inject_delay:g})")
     if not 0 <= args.metrics_port <= 65535:
         raise InputError(f"--metrics-port must be 0..65535 (got {args.metrics_port})")
     if args.replay is not None and not args.replay.exists():
         raise InputError(f"--replay {args.replay}: no such file")
+    if args.trace is not None:
+        check_writable(args.trace, "--trace")
+        if not args.trace.exists() or args.trace.is_file():  # summary.json goes beside a trace file
+            check_writable(args.trace.with_name("summary.json"), "--trace")
     if args.video is not None:
         from rtloop.runtime.video import check_video_path
 
         check_video_path(args.video)
-    from rtloop.commands.device import resolve_device
-
+        check_writable(args.video, "--video")
     args.policy_spec = parse_policy(args.policy)
     args.device = resolve_device(args.device)
     if args.policy_spec.kind == "openvla":
@@ -107,8 +129,17 @@ def validate(args: argparse.Namespace) -> None:
         load_task(args.suite, args.task)  # unknown suite / task id: one line, listing the valid ones
 
 
-def default_trace_path() -> Path:
-    return Path("runs") / time.strftime("%Y%m%d-%H%M%S") / "trace.jsonl"
+def trace_path(args: argparse.Namespace) -> Path:
+    """--trace, or runs/<timestamp>/trace.jsonl in a directory this run created (never shared)."""
+    from rtloop.commands.paths import new_run_dir
+    from rtloop.errors import InputError
+
+    if args.trace is not None:
+        return args.trace
+    try:
+        return new_run_dir() / "trace.jsonl"
+    except OSError as e:
+        raise InputError(f"cannot create a run directory under runs/: {e.strerror or e} (pass --trace)") from None
 
 
 def versions() -> dict[str, str]:
@@ -141,30 +172,66 @@ def build_env(args: argparse.Namespace, render: bool = True):
 
 
 def main(args: argparse.Namespace) -> int:
+    """SIGTERM is handled like Ctrl-C: both tasks cancelled, the episode recorded as interrupted, the env
+    and the policy closed, the trace flushed, the summary printed; exit 143 (Ctrl-C: 130)."""
+    import threading
+
+    terminated: list[int] = []
+
+    def on_sigterm(signum, frame) -> None:  # outside the event loop (loading, cleanup)
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
+    try:
+        stopped, code = _run(args, terminated, on_sigterm if in_main_thread else None)
+    except KeyboardInterrupt:  # before the loop started (loading): nothing to summarise
+        stopped, code = True, 0
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        print("rtloop: terminated" if terminated else "rtloop: interrupted", file=sys.stderr)
+        return 143 if terminated else 130
+    return code
+
+
+def _run(args: argparse.Namespace, terminated: list[int], on_sigterm) -> tuple[bool, int]:
+    """(stopped by a signal, exit code otherwise). on_sigterm: the handler to put back after the event loop
+    (which replaces it with its own while it runs), or None off the main thread."""
     from contextlib import ExitStack
 
     import anyio
 
+    from rtloop.errors import InputError
     from rtloop.runtime.live import LiveView, run_live_view
-    from rtloop.runtime.loop import LoopConfig, Runtime, first_error
+    from rtloop.runtime.loop import LoopConfig, Runtime
     from rtloop.runtime.records import Fanout, RunRecord
     from rtloop.runtime.summary import RecordLog, format_summary, summarize
-    from rtloop.runtime.trace import TraceSink
+    from rtloop.runtime.trace import TraceSink, dumps
     from rtloop.runtime.video import VideoWriter
     from rtloop.runtime.worker import WorkerThread
 
     validate(args)
     spec = args.policy_spec
-    checkpoint = resolve_checkpoint(args.checkpoint) if spec.kind == "openvla" else None
     device = args.device  # resolved by validate
     engine = spec.engine_label or args.engine
     if spec.kind == "openvla" and args.torch_threads is None and device == "cpu" and not args.sync:
         # Measured on the 2-core machine: torch's 2 threads and LIBERO's software renderer oversubscribe
         # the CPU and both slow down several-fold (README, runtime section).
         args.torch_threads = max(1, (os.cpu_count() or 2) - 1)
-    trace_path = args.trace or default_trace_path()
 
-    with ExitStack() as cleanup:  # unwinds in reverse: sinks, metrics server, env, threads
+    with ExitStack() as cleanup:  # unwinds in reverse: sinks, env, policy, threads, metrics server
+        sinks: list = []
+        if args.metrics_port:  # bound before anything heavy, and kept: a port in use is found in a second
+            from rtloop.metrics.exporter import PrometheusSink, start_metrics_server
+
+            prometheus = PrometheusSink()
+            cleanup.callback(start_metrics_server(args.metrics_port, prometheus.registry).close)
+            sinks.append(prometheus)
+        path = trace_path(args)
+        checkpoint = resolve_checkpoint(args.checkpoint) if spec.kind == "openvla" else None
         # The env lives on the sim thread for its whole life (EGL contexts are per thread), the model on
         # the policy thread; both are built at once.
         sim_thread, policy_thread = WorkerThread("rtloop-sim"), WorkerThread("rtloop-policy")
@@ -172,24 +239,20 @@ def main(args: argparse.Namespace) -> int:
         cleanup.callback(sim_thread.close)
         env_future = sim_thread.submit(build_env, args, spec.needs_images)
         policy_future = policy_thread.submit(build_policy, args, checkpoint, device)
-        env = env_future.result()
-        cleanup.callback(sim_thread.call, env.close)
-        policy = policy_future.result()
-        if args.policy_process:
-            cleanup.callback(policy.close)
+        try:
+            env = env_future.result()
+            cleanup.callback(sim_thread.call, env.close)
+        finally:  # the policy is closed even when the env failed to build
+            policy = policy_future.result()
+            cleanup.callback(policy.close)  # on this thread: a delay in flight is cut short
         first = sim_thread.call(env.reset, args.episode_start)
         policy_thread.call(policy.warmup, first, env.instruction)
 
-        log, trace = RecordLog(), TraceSink(trace_path)
+        log, trace = RecordLog(), TraceSink(path)
         cleanup.callback(trace.close)
-        sinks = [log, trace]
-        if args.metrics_port:
-            from rtloop.metrics.exporter import PrometheusSink, start_metrics_server
-
-            prometheus = PrometheusSink()
-            cleanup.callback(start_metrics_server(args.metrics_port, prometheus.registry).close)
-            sinks.append(prometheus)
-        config = LoopConfig(rate=args.rate, max_steps=args.max_steps, sync=args.sync)
+        sinks += [log, trace]
+        config = LoopConfig(rate=args.rate, max_steps=args.max_steps, sync=args.sync,
+                            max_action_age=args.max_action_age)
         mode = "sync (blocking baseline)" if args.sync else "async"
         title = (f"rtloop run: {policy.label} | {env.label} {env.suite} task {env.task_id} | {mode} at "
                  f"{args.rate:g} Hz on {device}")
@@ -202,42 +265,73 @@ def main(args: argparse.Namespace) -> int:
         video = VideoWriter(args.video, args.rate) if args.video is not None else None
         runtime.sinks.on_record(RunRecord({
             "rate": args.rate, "suite": env.suite, "task": env.task_id, "engine": engine, "sync": args.sync,
-            "policy": policy.label, "random_weights": "RANDOM WEIGHTS" in policy.label, "sim": env.label,
-            "instruction": env.instruction, "horizon": env.horizon, "steps_limit": config.steps_limit(env.horizon),
-            "checkpoint": None if checkpoint is None else str(checkpoint), "device": device, "torch_threads": args.torch_threads,
+            "policy": policy.label, "policy_kind": spec.kind, "random_weights": "RANDOM WEIGHTS" in policy.label,
+            "sim": env.label, "instruction": env.instruction, "horizon": env.horizon,
+            "steps_limit": config.steps_limit(env.horizon),
+            "checkpoint": None if checkpoint is None else str(checkpoint), "device": device,
+            "torch_threads": args.torch_threads,
             "config": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "policy_spec"},
             "machine": machine(device), "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }))
+        bad_input: list[InputError] = []
+
+        async def cancel_on_sigterm(scope: anyio.CancelScope) -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+                async for signum in signals:
+                    terminated.append(signum)
+                    scope.cancel()  # the episode in flight is recorded as interrupted on its way out
+                    return
 
         async def run_all() -> None:
             async with anyio.create_task_group() as tg:
+                if on_sigterm is not None:
+                    tg.start_soon(cancel_on_sigterm, tg.cancel_scope)
                 if live is not None:
                     tg.start_soon(run_live_view, live)
-                for episode in range(args.episode_start, args.episode_start + args.episodes):
-                    await runtime.run_episode(episode)
-                    if video is not None:
-                        frames, runtime.frames = runtime.frames, []
-                        await anyio.to_thread.run_sync(video.write, frames)
+                try:
+                    for episode in range(args.episode_start, args.episode_start + args.episodes):
+                        await runtime.run_episode(episode)
+                        if video is not None:
+                            frames, runtime.frames = runtime.frames, []
+                            await sim_thread.run(video.write, frames)
+                except InputError as e:  # recorded by the runtime; the run stops, as it would in sync
+                    bad_input.append(e)
                 tg.cancel_scope.cancel()  # stop the live view
 
-        interrupted = False
+        stopped = False
         try:
             anyio.run(run_all)
         except KeyboardInterrupt:  # asyncio cancelled both tasks first; the episode is recorded
-            interrupted = True
-        except ExceptionGroup as group:  # e.g. an InputError for an episode past the init states: one line
-            raise first_error(group) from None
+            stopped = True
+        finally:
+            if on_sigterm is not None:  # the loop's own handler is gone with it
+                signal.signal(signal.SIGTERM, on_sigterm)
+        stopped = stopped or bool(terminated)
+        failures = [trace.failed] if trace.failed else []
         if video is not None:
-            video.write(runtime.frames)
-            video.close()
+            try:
+                video.write(runtime.frames)
+                video.close()
+            except OSError as e:
+                failures.append(f"video {args.video} could not be written: {e.strerror or e}")
         summary = summarize(log.records)
         summary["run"] = log.info
-        summary["interrupted"] = interrupted
-        summary_path = trace_path.with_name("summary.json")
-        summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        summary["interrupted"] = stopped
+        errors = failures or any(e["error"] for e in summary["episodes"])
+        summary["exit_code"] = 143 if terminated else 130 if stopped else 2 if bad_input else 1 if errors else 0
+        # beside the trace; a trace that is not a file (a device such as /dev/full) gets none
+        summary_path = path.with_name("summary.json") if not path.exists() or path.is_file() else None
+        try:
+            if summary_path is not None:
+                summary_path.write_text(dumps(summary) + "\n")
+        except OSError as e:
+            failures.append(f"summary {summary_path} could not be written: {e.strerror or e}")
         print(format_summary(summary, title))
-        print(f"trace: {trace_path}  summary: {summary_path}")
-    if interrupted:
-        print("rtloop: interrupted", file=sys.stderr)
-        return 130
-    return 1 if any(e["error"] for e in summary["episodes"]) else 0
+        print(f"trace: {path}  summary: {summary_path or '(none)'}")
+    for failure in failures[1 if trace.failed else 0:]:  # the trace warned when it failed
+        print(f"rtloop: warning: {failure}", file=sys.stderr)
+    if stopped:
+        return True, 0
+    if bad_input:
+        raise bad_input[0]
+    return False, max(summary["exit_code"], 1 if failures else 0)

@@ -10,7 +10,7 @@ same, it just answers later. How the delay is spent is a knob for the GIL study:
 from __future__ import annotations
 
 import hashlib
-import time
+import threading
 
 from rtloop import clock
 from rtloop.policy.base import Policy, PolicyOutput
@@ -28,6 +28,7 @@ class SlowPolicy:
         self.delay_s = delay_s
         self.mode = mode
         self.label = f"{inner.label} + {delay_s * 1000:.0f} ms injected delay ({mode})"
+        self._closed = threading.Event()  # close() cuts a delay in flight short: a run's exit never waits it out
 
     @property
     def needs_images(self) -> bool:
@@ -37,12 +38,12 @@ class SlowPolicy:
         out = self.inner.act(obs, instruction)
         t0 = clock.now()
         if self.mode == "sleep":
-            time.sleep(self.delay_s)
+            self._closed.wait(self.delay_s)
         elif self.mode == "spin-gil":
-            while clock.now() - t0 < self.delay_s:
+            while clock.now() - t0 < self.delay_s and not self._closed.is_set():
                 pass
         else:
-            while clock.now() - t0 < self.delay_s:
+            while clock.now() - t0 < self.delay_s and not self._closed.is_set():
                 hashlib.sha256(_BURN).digest()
         out.timings["injected_delay"] = clock.now() - t0
         return out
@@ -51,4 +52,5 @@ class SlowPolicy:
         self.inner.warmup(obs, instruction)
 
     def close(self) -> None:
+        self._closed.set()
         self.inner.close()
