@@ -9,12 +9,11 @@ modes. So the env is created, stepped and closed on one thread, and the policy r
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
 
 T = TypeVar("T")
 
@@ -28,7 +27,9 @@ class WorkerThread:
         cancellation (end of episode, a signal) the caller stops waiting at once and the call finishes on
         its thread, its result dropped. Calls run one at a time in order, so the next one (the env's close,
         the next episode's reset) starts only after it; close() waits for it, so no thread outlives the run."""
-        token = anyio.lowlevel.current_token()
+        # Told without blocking this thread (anyio.from_thread.run_sync would wait for the loop, forever
+        # when the loop has stopped after abandoning the call). rtloop runs on anyio's asyncio backend.
+        loop = asyncio.get_running_loop()
         finished = anyio.Event()
 
         def job() -> T:
@@ -36,8 +37,8 @@ class WorkerThread:
                 return fn(*args)
             finally:
                 try:
-                    anyio.from_thread.run_sync(finished.set, token=token)
-                except RuntimeError:  # the event loop is gone: nobody waits for this call any more
+                    loop.call_soon_threadsafe(finished.set)
+                except RuntimeError:  # the event loop is closed: nobody waits for this call any more
                     pass
 
         future = self._pool.submit(job)

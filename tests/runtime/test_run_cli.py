@@ -71,7 +71,7 @@ def slow_runs(tiny_checkpoint, tmp_path):
         trace = tmp_path / mode / "trace.jsonl"
         extra = ["--sync"] if mode == "sync" else []
         proc = rtloop_run("--checkpoint", tiny_checkpoint, "--rate", RATE, "--max-steps", 16, "--inject-delay",
-                          0.6, "--quiet", "--trace", trace, *extra)
+                          0.6, "--max-action-age", 5, "--quiet", "--trace", trace, *extra)
         assert proc.returncode == 0, proc.stderr
         out[mode] = trace
     return out
@@ -100,8 +100,11 @@ def test_slow_policy_async_holds_actions_and_drops_frames_sync_waits(tiny_checkp
     assert sync_hz < 1 / 0.6 and sync_hz < 0.5 * async_hz  # the blocking loop runs at inference speed
 
 
-def test_sigint_prints_the_summary_and_keeps_the_trace(tiny_checkpoint, tmp_path):
-    """Ctrl-C in the hardest case: the policy in its own process (which must ignore the group's SIGINT)."""
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "rtloop: interrupted"),
+                                                (signal.SIGTERM, 143, "rtloop: terminated")])
+def test_a_signal_prints_the_summary_and_keeps_the_trace(tiny_checkpoint, tmp_path, signum, code, said):
+    """Ctrl-C, or SIGTERM, in the hardest case: the policy in its own process (which must ignore the
+    group's signal, print no traceback and leak no shared memory)."""
     trace = tmp_path / "trace.jsonl"
     cmd = [sys.executable, "-m", "rtloop", "run", "--metrics-port", "0", "--checkpoint", str(tiny_checkpoint),
            "--rate", str(RATE), "--max-steps", "280", "--trace", str(trace), "--policy-process"]
@@ -114,13 +117,14 @@ def test_sigint_prints_the_summary_and_keeps_the_trace(tiny_checkpoint, tmp_path
             step = re.search(r" step (\d+)/", line)
             if step and int(step.group(1)) >= 3:
                 break
-        os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the whole process group
+        os.killpg(proc.pid, signum)  # as a terminal (or a service manager) does: the whole process group
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
     stderr = "".join(seen) + stderr
-    assert proc.returncode == 130, stderr
-    assert "stage (ms)" in stdout and "rtloop: interrupted" in stderr
+    assert proc.returncode == code, stderr
+    assert "stage (ms)" in stdout and said in stderr
+    assert "Traceback" not in stderr and "leaked shared_memory" not in stderr
     assert read_trace(trace)[0]["policy"].endswith("[own process]")
     ticks = records(trace, "tick")
     assert len(ticks) >= 3 and any(t["action_source"] == "fresh" for t in ticks)
@@ -132,7 +136,6 @@ def test_sigint_prints_the_summary_and_keeps_the_trace(tiny_checkpoint, tmp_path
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--rate", "0"], "--rate must be > 0"),
         (["--torch-threads", "0"], "--torch-threads must be >= 1"),
         (["--suite", "libero_nope"], "unknown LIBERO suite 'libero_nope'"),
         (["--task", "99"], "task id 99 is out of range for libero_object"),
