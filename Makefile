@@ -16,7 +16,14 @@ $(BIN)/rtloop: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: setup run test prometheus
+# openpi's real client pins numpy<2: it gets a venv of its own, used by tests/serve/test_openpi_client.py
+OPENPI_VENV := .venv-openpi
+$(OPENPI_VENV)/bin/python:
+	$(PY) -m venv $(OPENPI_VENV)
+	# typing_extensions: imported by openpi_client but missing from its declared dependencies
+	$(OPENPI_VENV)/bin/pip install -q openpi-client==0.1.2 typing_extensions
+
+.PHONY: setup run test prometheus openpi-client
 setup: $(BIN)/rtloop
 
 run: setup
@@ -25,5 +32,7 @@ run: setup
 prometheus:
 	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) || echo "prometheus could not be installed: the Prometheus test will be skipped"; }
 
-test: setup prometheus
+openpi-client: $(OPENPI_VENV)/bin/python
+
+test: setup prometheus openpi-client
 	$(BIN)/python -m pytest -q

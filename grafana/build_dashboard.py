@@ -25,6 +25,9 @@ DATASOURCE = DataSourceRef(type_val="prometheus", uid="prometheus")  # provision
 # Every rtloop series carries these three labels; the dashboard's variables filter on them.
 SEL = 'suite=~"$suite", task=~"$task", engine=~"$engine"'
 WINDOW = "$__rate_interval"
+# `rtloop serve`'s series carry only `engine`; its panels live in the row named SERVER_ROW.
+SERVER_SEL = 'engine=~"$engine"'
+SERVER_ROW = "Policy server (rtloop serve)"
 
 
 def query(expr: str, legend: str = "", instant: bool = False) -> prometheus.Dataquery:
@@ -84,7 +87,7 @@ def build() -> dashboard.Dashboard:
         .description("OpenVLA driving LIBERO in real time: where each tick's time goes. Metrics from rtloop run.")
         .with_variable(variable("suite", "label_values(rtloop_run_info, suite)"))
         .with_variable(variable("task", 'label_values(rtloop_run_info{suite=~"$suite"}, task)'))
-        .with_variable(variable("engine", "label_values(rtloop_run_info, engine)"))
+        .with_variable(variable("engine", 'label_values({__name__=~"rtloop_run_info|rtloop_server_info"}, engine)'))
     )
 
     d = d.with_row(dashboard.Row("Run"))
@@ -149,6 +152,29 @@ def build() -> dashboard.Dashboard:
         query(quantile(0.95, "rtloop_inference_duration_seconds"), "predict_action p95"),
     ], "Time the inference task waited for a new frame, and the whole predict_action call."))
 
+    d = d.with_row(dashboard.Row("Fleet (rtloop run --envs N)"))
+    d = d.with_panel(single("Envs", "none", f"max(rtloop_fleet_envs{{{SEL}}})",
+                            "Envs in the fleet, each in its own worker (1: a single-env run).", width=4))
+    batch_mean = (f"sum(rate(rtloop_inference_batch_size_sum{{{SEL}}}[{WINDOW}])) / "
+                  f"sum(rate(rtloop_inference_batch_size_count{{{SEL}}}[{WINDOW}]))")
+    d = d.with_panel(graph("Batch size", "none", [
+        query(batch_mean, "mean"),
+        query(quantile(0.5, "rtloop_inference_batch_size"), "p50"),
+        query(quantile(0.95, "rtloop_inference_batch_size"), "p95"),
+    ], "Frames per policy call: the inference task takes the newest unread frame of every env that has one "
+       "(up to 32). Quantiles interpolate between the 1, 2, 4, 8, 16, 32 buckets.", width=10))
+    d = d.with_panel(graph("Frames and batches per second", "ops", [
+        query(rate_of("rtloop_inferences_total"), "frames"),
+        query(rate_of("rtloop_inference_batch_size_count"), "batches"),
+    ], "Frames the policy answered and policy calls, per second, over the whole fleet.", width=10))
+    env_fresh = (f"sum by (env) (rate(rtloop_env_actions_total{{{SEL}, source=\"fresh\"}}[{WINDOW}])) / "
+                 f"sum by (env) (rate(rtloop_env_actions_total{{{SEL}}}[{WINDOW}]))")
+    d = d.with_panel(graph("Fresh actions per env", "percentunit", [query(env_fresh, "env {{env}}")],
+                           "Share of each env's ticks that applied a new action.", width=12))
+    d = d.with_panel(graph("Action age p99 per env", "s", [
+        query(quantile(0.99, "rtloop_env_action_age_seconds", by="env"), "env {{env}}"),
+    ], "How old the frame behind each env's applied action is, p99 per env.", width=12))
+
     d = d.with_row(dashboard.Row("Resources and failures"))
     d = d.with_panel(graph("GPU memory", "bytes", [
         query(f"sum(rtloop_gpu_memory_allocated_bytes{{{SEL}}})", "allocated"),
@@ -164,6 +190,33 @@ def build() -> dashboard.Dashboard:
                                                 "(random or real) and mode (async or sync).")
         .datasource(DATASOURCE).span(8).height(8)
         .with_target(query(f"rtloop_run_info{{{SEL}}}", instant=True).ref_id("A")
+                     .format(PromQueryFormat.TABLE))
+    )
+
+    d = d.with_row(dashboard.Row(SERVER_ROW))
+    server_rate = f"sum by (form) (rate(rtloop_server_requests_total{{{SERVER_SEL}}}[{WINDOW}]))"
+    d = d.with_panel(graph("Server requests", "reqps", [query(server_rate, "{{form}}")],
+                           "Requests answered with actions per second, by request form (openpi's keys or "
+                           "rtloop's raw frame).", width=8))
+    d = d.with_panel(graph("Server latency per stage", "s", [
+        query(f"histogram_quantile({q}, sum by (stage, le) (rate(rtloop_server_stage_duration_seconds_bucket"
+              f"{{{SERVER_SEL}, stage=~\"request|decode|queue|infer|encode\"}}[{WINDOW}])))", f"{{{{stage}}}} p{p}")
+        for q, p in ((0.5, 50), (0.99, 99))
+    ], "request: message in to reply out; decode: msgpack + validation; queue: waiting for the inference "
+       "thread; infer: the model; encode: the reply.", width=8))
+    d = d.with_panel(graph("Server batch size and connections", "none", [
+        query(f"sum(rate(rtloop_server_batch_size_sum{{{SERVER_SEL}}}[{WINDOW}])) / "
+              f"sum(rate(rtloop_server_batch_size_count{{{SERVER_SEL}}}[{WINDOW}]))", "mean batch"),
+        query(f"sum(rtloop_server_connections{{{SERVER_SEL}}})", "open connections"),
+    ], "Requests per act_batch call (1 until a batched engine serves), and open client connections.", width=8))
+    d = d.with_panel(graph("Server errors", "none", [
+        query(f"sum by (kind) (rtloop_server_errors_total{{{SERVER_SEL}}})", "{{kind}}"),
+    ], "Refused requests and dropped connections since the server started, by kind (malformed, oversize, "
+       "missing_key, ..., auth, disconnected).", width=12))
+    d = d.with_panel(
+        table.Panel().title("Servers").description("One row per scraped rtloop serve: engine and weights.")
+        .datasource(DATASOURCE).span(12).height(8)
+        .with_target(query(f"rtloop_server_info{{{SERVER_SEL}}}", instant=True).ref_id("A")
                      .format(PromQueryFormat.TABLE))
     )
     return d

@@ -29,7 +29,6 @@ import json
 import platform
 import resource
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +37,10 @@ from rtloop import clock
 from rtloop.commands.device import resolve_device
 from rtloop.errors import InputError
 from rtloop.policy.base import STAGES
+from rtloop.policy.kernel_options import add_kernel_arguments, kernel_options_from_args
+from rtloop.sim.replay import Frame, default_recording, load_frames
 
-DEFAULT_FRAMES = Path(__file__).resolve().parent.parent / "tests" / "data" / "libero_object_frames.npz"
+DEFAULT_FRAMES = default_recording()
 LIBERO_IMAGE = "libero_image"  # the eval's frame preparation (flip, JPEG, Lanczos): before predict_action
 N_TOKENS = 7  # 1 prefill + 6 decode forwards: the floor counts 7 passes over the weights
 DTYPES = ("bfloat16", "float16", "float32")
@@ -60,27 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--frames", type=Path, default=DEFAULT_FRAMES, help="recorded LIBERO frames (.npz, rtloop.sim.record)")
     p.add_argument("--out", type=Path, help="write OUT.json and OUT.md (e.g. profiles/bench-h100-7b)")
-
-
-@dataclass
-class Frame:
-    image: np.ndarray  # a raw LIBERO agentview frame, as the sim returns it
-    instruction: str
-
-
-def load_frames(path: Path) -> list[Frame]:
-    """All recorded frames, interleaved across tasks so consecutive calls change frame and prompt."""
-    from rtloop.sim.replay import decode_frames
-
-    if not path.is_file():
-        raise InputError(f"--frames {path}: no such file")
-    with np.load(path, allow_pickle=False) as data:
-        frame_task_ids = data["frame_task_ids"]
-        frames = decode_frames(data["frames_delta"], frame_task_ids)
-        instructions = dict(zip(data["task_ids"].tolist(), data["instructions"].tolist()))
-    per_task = [[Frame(f, instructions[t]) for f, t in zip(frames, frame_task_ids) if t == task] for task in instructions]
-    longest = max(len(fs) for fs in per_task)
-    return [fs[i] for i in range(longest) for fs in per_task if i < len(fs)]
+    p.add_argument("--batch", default=None, metavar="SIZES",
+                   help="comma-separated frames per call, e.g. 1,2,4,8,16,32: time predict_action_batch at each "
+                        "(latency, frames/s, peak memory, prefill TFLOP/s, tokens against batch 1) instead of "
+                        "the per-stage batch-1 table")
+    add_kernel_arguments(p)
 
 
 def parse_engines(engines: str | None, quant: str, device: str) -> list[str]:
@@ -170,15 +155,17 @@ def measure_bandwidth(device: str) -> tuple[float, str]:
     return 2 * n * repeats / seconds / 1e9, method
 
 
-def kernel_settings(device) -> dict:
-    """How the compiled engine's kernels were launched in this run (RTLOOP_PDL, RTLOOP_AUTOTUNE,
-    RTLOOP_PREFILL_SPLIT, and which prefill GEMMs the split won), so runs made with different settings are
-    not compared as if alike. Call it after the engines ran: the split choices are made on first use."""
+def kernel_settings(options) -> dict:
+    """How the compiled engine's kernels ran in this run (the resolved KernelOptions: autotuning, PDL, the
+    prefill split, the architecture's code paths, and which prefill GEMMs the split won), so runs made with
+    different settings are not compared as if alike. Call it after the engines ran: the split choices are
+    made on first use. A CPU launches no kernel programmatically: PDL is off there."""
     from rtloop.policy import kernels
 
-    pdl = device.type == "cuda" and kernels.available(device) and kernels._pdl(device)["USE_PDL"]
-    return {"triton": kernels.triton.__version__ if kernels.triton else None, "autotune": kernels.AUTOTUNE,
-            "pdl": bool(pdl), "prefill_split": kernels.PREFILL_SPLIT, "prefill_splits": kernels.split_choices()}
+    return {"triton": kernels.triton.__version__ if kernels.triton else None, "autotune": options.autotune,
+            "pdl": bool(options.pdl), "prefill_split": options.prefill_split,
+            "arch": None if options.sm is None else f"sm{options.sm}", "forced_arch": options.arch is not None,
+            "rowwise_fp8": options.rowwise_fp8, "prefill_splits": kernels.split_choices()}
 
 
 def device_name(device: str) -> str:
@@ -189,7 +176,7 @@ def device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def run_engine(policy, name: str, frames: list[Frame], args: argparse.Namespace, cuda: bool) -> dict:
+def run_engine(policy, name: str, frames: list[Frame], args: argparse.Namespace, cuda: bool, options) -> dict:
     """Warm up, then time `--iters` calls of policy.predict_action with `name` as the engine, each on a frame
     just put through the LIBERO image path (timed apart: it is the eval's work, not the model's)."""
     import torch
@@ -197,7 +184,7 @@ def run_engine(policy, name: str, frames: list[Frame], args: argparse.Namespace,
     from rtloop.policy.engines import build_engine
     from rtloop.policy.processor import prepare_libero_image
 
-    policy.engine = build_engine(name, policy.model)
+    policy.engine = build_engine(name, policy.model, kernel_options=options)
     warm = {f.instruction: f for f in frames}  # one call per distinct prompt: every graph bucket captured
     t0 = clock.now()
     for frame in list(warm.values()) + [frames[i % len(frames)] for i in range(args.warmup)]:
@@ -223,6 +210,8 @@ def run_engine(policy, name: str, frames: list[Frame], args: argparse.Namespace,
         "stages": {s: percentiles(v) for s, v in stages.items()},
         "predict_action": percentiles(totals),
     }
+    # raw per-call seconds, for latency models (rtloop/runtime/latency.py): percentiles cannot be replayed
+    result["libero_image_samples_s"], result["predict_action_samples_s"] = stages[LIBERO_IMAGE], totals
     result["hz"] = round(1000.0 / result["predict_action"]["p50_ms"], 2)
     result["warmup_s"] = round(warmup_s, 1)
     result["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None
@@ -231,23 +220,26 @@ def run_engine(policy, name: str, frames: list[Frame], args: argparse.Namespace,
     return result
 
 
-def engine_tokens(policy, frames: list[Frame]):
-    """Greedy tokens [N, 7] and their logits [N, 7, vocab] (float32, on the CPU) of the current engine."""
+def engine_tokens(policy, frames: list[Frame], batch: int = 1):
+    """Greedy tokens [N, 7] and their logits [N, 7, vocab] (float32, on the CPU) of the current engine, its
+    calls taking `batch` frames at a time (the last call the rest)."""
     import torch
 
     from rtloop.policy.processor import build_prompt, pixel_values, prepare_libero_image, tokenize_prompt
 
     tokens, logits = [], []
     on_host = getattr(policy.engine, "takes_host_inputs", False)  # as predict_action feeds it
-    for f in frames:
-        ids = tokenize_prompt(policy.tokenizer, build_prompt(f.instruction))
-        image = prepare_libero_image(f.image)
+    for start in range(0, len(frames), batch):
+        chunk = frames[start : start + batch]
+        ids = [tokenize_prompt(policy.tokenizer, build_prompt(f.instruction)) for f in chunk]
+        images = [prepare_libero_image(f.image) for f in chunk]
         if not on_host:
-            image, ids = pixel_values(image, policy.device, policy.dtype), ids.to(policy.device)
-        t, l = policy.engine.generate_with_logits(image, ids)
+            images = torch.cat([pixel_values(image, policy.device, policy.dtype) for image in images])
+            ids = [i.to(policy.device) for i in ids]
+        t, l = policy.engine.generate_batch_with_logits(images, ids)
         tokens.append(t.cpu())
         logits.append(l.cpu())
-    return torch.stack(tokens), torch.stack(logits)
+    return torch.cat(tokens), torch.cat(logits)
 
 
 def agreement(tokens, logits, base_tokens, base_logits) -> dict:
@@ -267,6 +259,98 @@ def agreement(tokens, logits, base_tokens, base_logits) -> dict:
         "max_rel_logit_err": round(float((err / scale)[prefix_same].max()), 5),
         "max_abs_logit_err_prefill": round(float(err[:, 0].max()), 5),
     }
+
+
+def parse_batches(text: str | None) -> list[int]:
+    """--batch 1,2,4 -> [1, 2, 4]: distinct sizes of 1..32 frames, in the order given."""
+    from rtloop.policy.engines import BATCH_BUCKETS
+
+    if text is None:
+        return []
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--batch {text!r}: expected comma-separated frame counts, e.g. 1,2,4,8") from None
+    if not sizes or any(not 1 <= b <= BATCH_BUCKETS[-1] for b in sizes) or len(set(sizes)) != len(sizes):
+        raise InputError(f"--batch {text!r}: distinct frame counts from 1 to {BATCH_BUCKETS[-1]}")
+    return sizes
+
+
+def check_batches_fit(model_config, dtype, batches: list[int], device: str) -> None:
+    """Before any weight loads: the largest batch's KV cache and activations must fit in what the GPU has
+    free beside the weights; otherwise one line saying how much it needs."""
+    import torch
+
+    from rtloop.policy.checkpoint import count_parameters
+    from rtloop.policy.engines import batch_bucket, check_batch_fits, engine_seq_len
+    from rtloop.policy.model import OpenVLA
+
+    with torch.device("meta"):
+        weights = count_parameters(OpenVLA(model_config)) * torch.tensor([], dtype=dtype).element_size()
+    free = torch.cuda.mem_get_info(torch.device(device))[0] - weights
+    check_batch_fits(model_config, batch_bucket(max(batches)), engine_seq_len(model_config, N_TOKENS),
+                     dtype, max(free, 0))
+
+
+def prefill_flops(config, frames: int, positions: int) -> float:
+    """FLOPs of the LLM prefill as rtloop runs it, for `frames` frames of `positions` positions each (padding
+    included: what the GPU computes): 2 per multiply-add of every linear on every position, except the last
+    layer's output projection and MLP and lm_head, which run on one row per frame; attention QK^T and PV
+    causal (half the square). The ViTs are not counted."""
+    a = config.llm
+    D, I, L, V = a.hidden_size, a.intermediate_size, a.num_hidden_layers, a.vocab_size
+    qkv = D * (a.num_attention_heads + 2 * a.num_key_value_heads) * a.head_dim
+    rest = D * D + 3 * D * I  # o_proj, gate, up, down
+    linear = 2 * (L * positions * qkv + (L - 1) * positions * rest + rest + D * V)
+    attention = L * 2 * positions * positions * a.num_attention_heads * a.head_dim  # 4 N^2 D / 2 (causal)
+    return float(frames * (linear + attention))
+
+
+def run_batches(policy, name: str, frames: list[Frame], check_frames: list[Frame], args: argparse.Namespace,
+                cuda: bool, options) -> dict:
+    """Per batch size B of --batch: --iters timed predict_action_batch calls of B frames each (round-robin
+    over the recorded frames, so the prompts differ within a call), after one call per distinct prompt
+    bucket plus --warmup; the LLM prefill timed alone; frame b's tokens in batches against batch 1's."""
+    import torch
+
+    from rtloop.policy.engines import PROMPT_BUCKET, batch_bucket, build_engine
+    from rtloop.policy.processor import build_prompt, prepare_libero_image, tokenize_prompt
+
+    policy.engine = engine = build_engine(name, policy.model, max_batch=batch_bucket(max(args.batch)),
+                                          kernel_options=options)
+    images = [prepare_libero_image(f.image) for f in frames]  # the eval's work, before predict_action
+    lengths = [tokenize_prompt(policy.tokenizer, build_prompt(f.instruction)).shape[1] for f in frames]
+    base = engine_tokens(policy, check_frames, 1)
+    out: dict[str, dict] = {}
+    t_start = clock.now()
+    for B in args.batch:
+        calls = [[(i * B + j) % len(frames) for j in range(B)] for i in range(args.iters)]
+        by_bucket = {-(-max(lengths[k] for k in c) // PROMPT_BUCKET): c for c in calls}
+        for call in list(by_bucket.values()) + calls[: args.warmup]:
+            policy.predict_action_batch([images[k] for k in call], [frames[k].instruction for k in call])
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        totals = []
+        for call in calls:
+            t0 = clock.now()
+            policy.predict_action_batch([images[k] for k in call], [frames[k].instruction for k in call])
+            totals.append(clock.now() - t0)
+        latency = percentiles(totals)
+        result = {"predict_action": latency, "frames_per_s": round(B * 1000.0 / latency["p50_ms"], 2),
+                  "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None}
+        if hasattr(engine, "time_prefill"):
+            seconds, computed, positions = engine.time_prefill(B, max(lengths))
+            flops = prefill_flops(policy.config, computed, positions)
+            result["prefill"] = {"ms": round(seconds * 1000, 3), "frames_computed": computed,
+                                 "positions": positions, "flops": flops,
+                                 "tflops_per_s": round(flops / seconds / 1e12, 6)}
+        if B > 1:
+            result["agreement_vs_batch1"] = agreement(*engine_tokens(policy, check_frames, B), *base)
+        out[str(B)] = result
+        print(f"[bench] {name} batch {B}: {latency['p50_ms']:.2f} ms p50, {result['frames_per_s']:.1f} frames/s",
+              flush=True)
+    return {"batches": out, "warmup_s": round(clock.now() - t_start, 1)}
 
 
 def baseline_for(name: str, done: dict) -> str | None:
@@ -294,8 +378,15 @@ def main(args: argparse.Namespace) -> int:
     cuda = device.startswith("cuda")
     dtype = getattr(torch, "bfloat16" if cuda else "float32") if args.dtype == "auto" else getattr(torch, args.dtype)
     names = parse_engines(args.engines, args.quant, device)
+    args.batch = parse_batches(args.batch)
+    try:
+        options = kernel_options_from_args(args).resolve(torch.device(device))
+    except ValueError as e:
+        raise InputError(str(e)) from None
     frames = load_frames(args.frames)
     check_frames = frames[: args.agreement_frames]
+    if args.batch and cuda:
+        check_batches_fit(_model_config(args), dtype, args.batch, device)
 
     bandwidth, method = measure_bandwidth(device)
     factory = PolicyFactory(args, device, dtype)
@@ -313,7 +404,7 @@ def main(args: argparse.Namespace) -> int:
         "warmup": args.warmup,
         "frames": f"{args.frames.name}: {len(frames)} recorded LIBERO frames, {len({f.instruction for f in frames})} tasks",
         "torch": torch.__version__,
-        "kernels": kernel_settings(torch.device(device)),
+        "kernels": kernel_settings(options),
         "peak_mem": "CUDA allocator peak during the timed calls" if cuda else "null on CPU: see peak_rss_gb",
         "engines": {},
     }
@@ -325,14 +416,18 @@ def main(args: argparse.Namespace) -> int:
             if fmt != "none":  # a second format needs the bf16 weights again
                 policy = _rebuild(policy, factory)
             fmt = quant  # build_engine quantises the model in place
-        print(f"[bench] {name}: warm-up and {args.iters} calls ...", flush=True)
-        result = run_engine(policy, name, frames, args, cuda)
-        if quant != "none":
-            result["floor_ms"] = round(llama_bytes_per_token(policy.model) * N_TOKENS / (bandwidth * 1e9) * 1000, 3)
-        result["generate_over_floor"] = round(result["stages"]["generate"]["p50_ms"] / result.get("floor_ms", floor_ms), 2)
-        outputs[name] = engine_tokens(policy, check_frames)
-        report["engines"][name] = result
-        report["kernels"] = kernel_settings(torch.device(device))  # now with this engine's split choices
+        if args.batch:
+            print(f"[bench] {name}: batches of {args.batch}, {args.iters} calls each ...", flush=True)
+            report["engines"][name] = run_batches(policy, name, frames, check_frames, args, cuda, options)
+        else:
+            print(f"[bench] {name}: warm-up and {args.iters} calls ...", flush=True)
+            result = run_engine(policy, name, frames, args, cuda, options)
+            if quant != "none":
+                result["floor_ms"] = round(llama_bytes_per_token(policy.model) * N_TOKENS / (bandwidth * 1e9) * 1000, 3)
+            result["generate_over_floor"] = round(result["stages"]["generate"]["p50_ms"] / result.get("floor_ms", floor_ms), 2)
+            outputs[name] = engine_tokens(policy, check_frames)
+            report["engines"][name] = result
+        report["kernels"] = kernel_settings(options)  # now with this engine's split choices
         policy.engine = None  # drop graphs, HF modules, compiled code before the next engine
         torch.compiler.reset()  # compiled code may hold the weights it was compiled for
         gc.collect()
@@ -353,12 +448,22 @@ def finish(report: dict, outputs: dict, cuda: bool) -> None:
         base = baseline_for(name, outputs)
         if base is not None:
             result["agreement"] = {"baseline": base, **agreement(*outputs[name], *outputs[base])}
-    if "reference" in report["engines"]:
+    if "reference" in report["engines"] and "predict_action" in report["engines"]["reference"]:
         ref = report["engines"]["reference"]["predict_action"]["p50_ms"]
         for result in report["engines"].values():
             result["speedup_vs_reference"] = round(ref / result["predict_action"]["p50_ms"], 2)
     if not cuda:
         report["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)  # whole process
+
+
+def _model_config(args: argparse.Namespace):
+    """The model's config without its weights: the checkpoint's, or that of the random --size."""
+    from rtloop.policy.checkpoint import make_config
+    from rtloop.policy.config import OpenVLAConfig
+
+    if args.checkpoint is not None:
+        return OpenVLAConfig.from_dir(args.checkpoint)
+    return OpenVLAConfig.from_dict(make_config(args.size))
 
 
 def write(report: dict, out: Path) -> Path:
@@ -382,18 +487,38 @@ def _rebuild(policy, factory: PolicyFactory):
 def _kernels_text(k: dict | None) -> str:
     if not k:  # reports written before the field existed
         return "kernel settings not recorded"
-    return (f"Triton {k['triton']}, GEMV {'autotuned' if k['autotune'] else 'fixed tile (RTLOOP_AUTOTUNE=0)'}, "
-            f"PDL {'on' if k['pdl'] else 'off'}{_splits_text(k)}")
+    arch = f", {k['arch']} code paths{' (forced)' if k.get('forced_arch') else ''}" if k.get("arch") else ""
+    return (f"Triton {k['triton']}, GEMV {'autotuned' if k['autotune'] else 'fixed tile (--no-autotune)'}, "
+            f"PDL {'on' if k['pdl'] else 'off'}{arch}{_splits_text(k)}")
 
 
 def _splits_text(k: dict) -> str:
     if "prefill_split" not in k:  # reports written before the field existed
         return ""
     if not k["prefill_split"]:
-        return ", prefill GEMMs whole (RTLOOP_PREFILL_SPLIT=0)"
+        return ", prefill GEMMs whole (--no-prefill-split)"
     split = [c for c in k["prefill_splits"] if c["split"]]
     shapes = "; ".join(f"{c['dtype']} {c['rows']}x{c['k']} -> {c['n']} at row {c['split']}" for c in split)
     return f", prefill GEMMs split: {shapes}" if split else ", prefill GEMMs whole"
+
+
+def batch_markdown(report: dict) -> list[str]:
+    lines = ["| engine | batch | predict_action_batch p50 / p99 | frames/s | peak mem GB | prefill ms | "
+             "prefill TFLOP/s | tokens = batch 1 |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in report["engines"].items():
+        for B, b in r["batches"].items():
+            pa, pre, agree = b["predict_action"], b.get("prefill"), b.get("agreement_vs_batch1")
+            mem = "n/a" if b["peak_mem_gb"] is None else f"{b['peak_mem_gb']:.2f}"
+            pre_text = f"{pre['ms']:.2f} | {pre['tflops_per_s']:.3g}" if pre else "n/a | n/a"
+            agree_text = f"{agree['token_agreement']:.0%}" if agree else "(itself)"
+            lines.append(f"| {name} | {B} | **{pa['p50_ms']:.2f}** / {pa['p99_ms']:.2f} | {b['frames_per_s']:.1f} | "
+                         f"{mem} | {pre_text} | {agree_text} |")
+    lines += ["", "All times in ms, for one call of B frames (each its own image and prompt, prepared 224x224 "
+              "images in, B actions out). frames/s = B x 1000 / p50. The prefill is the LLM's alone, timed by "
+              "itself on the batch and prompt as padded to their buckets; its FLOPs count those padded "
+              "positions (bench.prefill_flops). tokens = batch 1: frame b's 7 tokens in batches of B against its "
+              "tokens alone, same engine."]
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -405,6 +530,10 @@ def markdown(report: dict) -> str:
         f"Bandwidth {report['bandwidth_gbps']} GB/s ({report['bandwidth_method']}); "
         f"floor for 7 passes over the Llama weights: **{report['floor_ms']} ms**.",
         "",
+    ]
+    if any("batches" in r for r in report["engines"].values()):
+        return "\n".join(lines + batch_markdown(report)) + "\n"
+    lines += [
         "| engine | processor p50 | generate p50 / p95 / p99 | detokenize p50 | predict_action p50 / p95 / p99 "
         "| Hz | x reference | generate / floor | peak mem GB | tokens = baseline | libero_image p50 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

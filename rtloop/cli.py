@@ -17,6 +17,10 @@ SUBCOMMANDS = {
     "bench": ("rtloop.commands.bench", "time predict_action per stage for each inference engine"),
     "profile": ("rtloop.commands.profile", "run `rtloop run` under py-spy and the torch profiler"),
     "checkpoint": ("rtloop.commands.checkpoint", "make or inspect OpenVLA checkpoint directories"),
+"serve": ("rtloop.serve.command", "serve OpenVLA over openpi's websocket protocol"),
+    "sweep": ("rtloop.eval.sweep_command", "success rate against latency: a grid of episodes in worker processes"),
+    "eval": ("rtloop.eval.eval_command", "a suite's success rate per task, the official protocol in one command"),
+    "timeline": ("rtloop.runtime.timeline", "draw one episode of a trace: frames, inferences, ticks, action age"),
 }
 
 

@@ -39,3 +39,9 @@ class MetricsError(RtloopError):
     """The metrics endpoint cannot be served (port in use, bad address)."""
 
     kind = "metrics"
+
+
+class WorkerError(RtloopError):
+    """An env worker of a fleet died or stalled: its episode ends on this error, the fleet goes on."""
+
+    kind = "worker"

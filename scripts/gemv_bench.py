@@ -41,13 +41,14 @@ def layers(fmt: str, seed: int = 0) -> list[dict]:
     return out
 
 
-def decode_gemvs(stack: list[dict], x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """One token through the GEMVs of every layer (attention itself left out: q goes straight to o)."""
+def decode_gemvs(stack: list[dict], x: torch.Tensor, norm: torch.Tensor, **how) -> torch.Tensor:
+    """One token through the GEMVs of every layer (attention itself left out: q goes straight to o).
+    `how`: the GEMV's launch options (pdl, tile, int8_bits)."""
     for layer in stack:
-        qkv = kernels.gemv(x, *layer["qkv"], False, norm, 1e-5)
-        x = kernels.gemv(qkv[..., :HIDDEN], *layer["o"], False, residual=x)
-        h = kernels.gemv(x, *layer["gate_up"], True, norm, 1e-5)
-        x = kernels.gemv(h, *layer["down"], False, residual=x)
+        qkv = kernels.gemv(x, *layer["qkv"], False, norm, 1e-5, **how)
+        x = kernels.gemv(qkv[..., :HIDDEN], *layer["o"], False, residual=x, **how)
+        h = kernels.gemv(x, *layer["gate_up"], True, norm, 1e-5, **how)
+        x = kernels.gemv(h, *layer["down"], False, residual=x, **how)
     return x
 
 
@@ -82,8 +83,8 @@ def main() -> None:
     norm = (torch.rand(HIDDEN, device="cuda") + 0.5).bfloat16()
     rows = []
 
-    def measure(fmt, stack, nbytes, variant):
-        ms = time_graph(lambda: decode_gemvs(stack, x, norm))
+    def measure(fmt, stack, nbytes, variant, pdl=True, tile=None, int8_bits=True):
+        ms = time_graph(lambda: decode_gemvs(stack, x, norm, pdl=pdl, tile=tile, int8_bits=int8_bits))
         rows.append({"format": fmt, "variant": variant, "ms_per_token": round(ms, 3),
                      "GB/s": round(nbytes / (ms * 1e-3) / 1e9, 1)})
         print(f"{fmt:5s} {variant:56s} {ms:7.3f} ms {rows[-1]['GB/s']:8.1f} GB/s", flush=True)
@@ -91,20 +92,14 @@ def main() -> None:
     for fmt in args.formats.split(","):
         stack = layers(fmt)
         nbytes = sum(w.numel() * w.element_size() for layer in stack for w, _ in layer.values())
-        kernels.AUTOTUNE = True
         measure(fmt, stack, nbytes, "autotuned, PDL")
         if not args.autotuned_only:
             if fmt == "int8":
-                kernels.INT8_BITS = False
-                measure(fmt, stack, nbytes, "autotuned, PDL, widened by I2F")
-                kernels.INT8_BITS = True
-            kernels.PDL, kernels._PDL = False, {}
-            measure(fmt, stack, nbytes, "autotuned, no PDL")
-            kernels.PDL, kernels._PDL = True, {}
-            kernels.AUTOTUNE = False
+                measure(fmt, stack, nbytes, "autotuned, PDL, widened by I2F", int8_bits=False)
+            measure(fmt, stack, nbytes, "autotuned, no PDL", pdl=False)
             for tile in FIXED_TILES if fmt != "bf16" else []:
-                kernels.FIXED_TILE = tile
-                measure(fmt, stack, nbytes, "fixed BLOCK_N=%d BLOCK_K=%d warps=%d row_sums=%d, PDL" % tile)
+                measure(fmt, stack, nbytes, "fixed BLOCK_N=%d BLOCK_K=%d warps=%d row_sums=%d, PDL" % tile,
+                        tile=[tile[0], tile[1], tile[2], int(tile[3])])
         del stack
         torch.cuda.empty_cache()
     tuned = {str(k): str(v) for k, v in kernels._gemv_tuned.cache.items()}

@@ -2,13 +2,14 @@
 # What produced profiles/bench-{h100,h200}-7b.{json,md}: run from the repository root on a CUDA machine that
 # has torch and transformers (no install needed: PYTHONPATH). Writes everything under ${OUT:-out/gpu}, files
 # named for ${GPU:-h100} (the machine's label).
-#   GPU=h200 bash scripts/gpu_bench.sh [kernels|prefill|split|bench|profile|tests|parity|run ...]
+#   GPU=h200 bash scripts/gpu_bench.sh [kernels|prefill|split|bench|batch|profile|tests|parity|run|libero|fleet ...]
+#   `libero` and `fleet` need real LIBERO on the machine (on ours: ../shared/gpu-libero, set up before this script).
 #   (default: kernels bench profile tests parity)
 set -u
 OUT=${OUT:-out/gpu}
 GPU=${GPU:-h100}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 LOG="$OUT/log.txt"
 steps=${*:-kernels bench profile tests parity}
 
@@ -19,6 +20,28 @@ say "machine"
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   python3 -c "import rtloop.cli as c; c.build_parser(); print('rtloop.cli imports without LIBERO/py-spy')"
 } 2>&1 | tee -a "$LOG"
+
+checkpoint7b() {
+  say "write a 7b random checkpoint"
+  [ -f /tmp/ck7b/config.json ] || timeout 200 python3 - <<'EOF' 2>&1 | tee -a "$LOG"
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from rtloop.policy.checkpoint import build_random_model, make_config
+from rtloop.policy.tokenizer import write_tokenizer_files
+
+out = Path("/tmp/ck7b")
+out.mkdir(exist_ok=True)
+model = build_random_model("7b", "cuda", torch.bfloat16, seed=0)
+save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out / "model.safetensors"), {"format": "pt"})
+write_tokenizer_files(out)
+(out / "config.json").write_text(json.dumps(make_config("7b", 0), indent=2) + "\n")
+print("wrote", out)
+EOF
+}
 
 for step in $steps; do
   case $step in
@@ -39,10 +62,19 @@ for step in $steps; do
     timeout ${SPLIT_TIMEOUT:-120} python3 scripts/prefill_split_bench.py --rows 288 --splits 256 --formats bf16,fp8 \
       --out "$OUT/prefill-split-$GPU.json" 2>&1 | grep -v Warning | tee -a "$LOG"
     for s in 1 0; do
-      say "rtloop bench compiled+fp8, RTLOOP_PREFILL_SPLIT=$s"
-      RTLOOP_PREFILL_SPLIT=$s timeout ${BENCH_TIMEOUT:-360} python3 -m rtloop bench --size 7b --device cuda \
+      say "rtloop bench compiled+fp8, prefill split $s"
+      timeout ${BENCH_TIMEOUT:-360} python3 -m rtloop bench --size 7b --device cuda $([ $s = 0 ] && echo --no-prefill-split) \
         --engines compiled --quant fp8 --iters 40 --warmup 5 --agreement-frames 4 --out "$OUT/bench-$GPU-split$s" \
         2>&1 | grep "^| comp" | tee -a "$LOG"
+    done ;;
+  batch)
+    # batched predict_action: per batch size latency, frames/s, peak memory, prefill TFLOP/s, tokens vs batch 1;
+    # one process per engine (each compiles and captures 6 batch buckets); KERNEL_FLAGS e.g. "--kernel-arch sm89"
+    for engine in ${BATCH_ENGINES:-compiled compiled+fp8 compiled+int8 eager}; do
+      say "rtloop bench --batch, $engine ${KERNEL_FLAGS:-}"
+      timeout ${BATCH_TIMEOUT:-580} python3 -m rtloop bench --size 7b --device cuda --engines "$engine" \
+        --batch "${BATCHES:-1,2,4,8,16,32}" --iters "${ITERS:-20}" --warmup 3 --agreement-frames 32 ${KERNEL_FLAGS:-} \
+        --out "$OUT/batch-$GPU-${engine//+/_}${KERNEL_FLAGS:+-${KERNEL_FLAGS//[ -]/}}" 2>&1 | grep -v Warning | tee -a "$LOG"
     done ;;
   tests)
     say "pytest -m gpu"
@@ -67,25 +99,7 @@ for step in $steps; do
     # weights from a real on-disk checkpoint, one run per engine
     # (`rtloop checkpoint make --size 7b` draws 7.5e9 numbers on the CPU: >200 s there; this builds the same
     # kind of random model on the GPU and writes it as one model.safetensors in ~30 s)
-    say "write a 7b random checkpoint"
-    [ -f /tmp/ck7b/config.json ] || timeout 200 python3 - <<'EOF' 2>&1 | tee -a "$LOG"
-import json
-from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
-
-from rtloop.policy.checkpoint import build_random_model, make_config
-from rtloop.policy.tokenizer import write_tokenizer_files
-
-out = Path("/tmp/ck7b")
-out.mkdir(exist_ok=True)
-model = build_random_model("7b", "cuda", torch.bfloat16, seed=0)
-save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(out / "model.safetensors"), {"format": "pt"})
-write_tokenizer_files(out)
-(out / "config.json").write_text(json.dumps(make_config("7b", 0), indent=2) + "\n")
-print("wrote", out)
-EOF
+    checkpoint7b
     for engine in ${RUN_ENGINES:-graphed reference}; do
       say "rtloop run --engine $engine"
       timeout ${RUN_TIMEOUT:-300} python3 -m rtloop run --rate 20 --sim replay --engine "$engine" --device cuda \
@@ -94,6 +108,86 @@ EOF
       mkdir -p "$OUT/run-$engine" && cp "/tmp/runs/run-$engine/summary.json" "$OUT/run-$engine/"
     done
     tar -C /tmp/runs -czf "$OUT/runs.tar.gz" . ;;
+  libero)
+    # Real LIBERO beside the 7b (random weights). First LIBERO alone and beside host loads that imitate a GPU
+    # policy (scripts/libero_alone.py), then per engine one `rtloop sweep` of async and --sync episodes at the
+    # full horizon: one process builds (compiles) the engine once for both modes. GPU memory is sampled
+    # throughout; py-spy samples the PROFILE_ENGINE's sweep for 20 s once its first episode runs.
+    checkpoint7b
+    mkdir -p "$OUT/alone"
+    for variant in ${ALONE_LOADS:-none cuda cuda-blocking}; do
+      say "LIBERO alone, load: $variant"
+      timeout 120 python3 scripts/libero_alone.py --steps ${ALONE_STEPS:-120} --load $variant \
+        --out "$OUT/alone/$variant.json" 2>&1 | grep '^{' | tee -a "$LOG"
+    done
+    for engine in ${LIBERO_ENGINES:-compiled+fp8 compiled reference}; do
+      name="libero-${engine//+/_}"
+      dir="/tmp/libero-runs/$name"
+      mkdir -p "$dir"
+      say "rtloop sweep real LIBERO --engine $engine: async and sync, ${EPISODES:-3} episodes each"
+      nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$dir/gpu-memory-mib.csv" &
+      smi=$!
+      timeout -s INT ${SWEEP_TIMEOUT:-560} python3 -m rtloop sweep --mode async,sync --tasks "${TASKS:-0}" \
+        --episodes "${EPISODES:-3}" --workers 1 --traces --engine "$engine" --device cuda --checkpoint /tmp/ck7b \
+        --out "$dir" ${RUN_EXTRA:-} 2>&1 | grep -v -i warn | tail -14 | tee -a "$LOG" &
+      sweep=$!
+      if [ "$engine" = "${PROFILE_ENGINE:-compiled}" ] && command -v py-spy >/dev/null; then
+        (for _ in $(seq 400); do [ -e "$dir/traces/async_0ms/task${TASKS:-0}-ep0.jsonl" ] && break; sleep 1; done
+         sleep 3; py-spy record --pid "$(pgrep -f -o '^python3 -m rtloop sweep')" --subprocesses --threads --rate 100 \
+           --duration 20 --format speedscope -o "$OUT/pyspy-$name.json") >> "$LOG" 2>&1 &
+      fi
+      wait $sweep
+      kill $smi
+      echo "$name peak GPU memory: $(sort -n "$dir/gpu-memory-mib.csv" | tail -1) MiB" | tee -a "$LOG"
+      tar -C /tmp/libero-runs -czf "$OUT/$name.tgz" "$name"
+    done ;;
+  fleet)
+    # fleet capacity (issue 16): N envs of real LIBERO (set up first: ../shared/gpu-libero, then
+    # `. /opt/libero-site/env.sh`), each in its own worker process (this machine has 16 cores and no Ray), one
+    # policy batching their frames; N episodes of FLEET_STEPS ticks at 20 Hz per run. An env holds 20 Hz when
+    # its sim runs >= 19.5 Hz with >= 95% fresh actions and action age p99 <= 100 ms.
+    checkpoint7b
+    for engine in ${FLEET_ENGINES:-compiled compiled+fp8}; do
+      for n in ${FLEET_NS:-1 4 8 16}; do
+        name="fleet-${engine//+/_}-n$n"
+        say "rtloop run --envs $n --engine $engine (real LIBERO)"
+        timeout ${FLEET_TIMEOUT:-580} python3 -m rtloop run --envs "$n" --episodes "$n" --rate 20 --engine "$engine" \
+          --device cuda --checkpoint /tmp/ck7b --suite libero_object --task 0 --max-steps "${FLEET_STEPS:-200}" \
+          --quiet --metrics-port 0 --trace "/tmp/runs/$name/trace.jsonl" 2>&1 | grep -v "^SILENT" | tail -25 | tee -a "$LOG"
+        mkdir -p "$OUT/$name" && cp "/tmp/runs/$name/summary.json" "$OUT/$name/" 2>/dev/null
+      done
+    done
+    python3 - "$OUT" "$GPU" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+
+out, gpu = Path(sys.argv[1]), sys.argv[2]
+rows = []
+for path in sorted(out.glob("fleet-*-n*/summary.json")):
+    s = json.loads(path.read_text())
+    engine, n = path.parent.name.removeprefix("fleet-").rsplit("-n", 1)
+    envs = list(s["fleet"]["per_env"].values())
+    worst_hz = min(e["sim_hz"] or 0 for e in envs)
+    worst_fresh = min(e["fresh_fraction"] for e in envs)
+    worst_age = max(e["action_age_s"]["p99"] for e in envs if e["action_age_s"])
+    holds = worst_hz >= 19.5 and worst_fresh >= 0.95 and worst_age <= 0.100
+    rows.append({"engine": engine.replace("_", "+"), "envs": int(n), "worst_sim_hz": worst_hz,
+                 "worst_fresh": worst_fresh, "worst_action_age_p99_s": worst_age, "holds_20hz": holds,
+                 "batch_size_mean": s["fleet"]["batch_size_mean"], "frames_per_s": s["fleet"]["frames_per_s"],
+                 "inference_p50_s": s["stages_s"]["inference"]["p50"]})
+rows.sort(key=lambda r: (r["engine"], r["envs"]))
+capacity = {e: max([r["envs"] for r in rows if r["engine"] == e and r["holds_20hz"]], default=0)
+            for e in sorted({r["engine"] for r in rows})}
+(out / f"fleet-{gpu}.json").write_text(json.dumps({"rows": rows, "capacity": capacity}, indent=2) + "\n")
+print("| engine | N | worst sim Hz | worst fresh | worst action age p99 ms | batch mean | frames/s | holds |")
+print("|---|---|---|---|---|---|---|---|")
+for r in rows:
+    print(f"| {r['engine']} | {r['envs']} | {r['worst_sim_hz']:.1f} | {100 * r['worst_fresh']:.0f}% | "
+          f"{1e3 * r['worst_action_age_p99_s']:.0f} | {r['batch_size_mean']:.1f} | {r['frames_per_s']:.1f} | "
+          f"{'yes' if r['holds_20hz'] else 'no'} |")
+print("fleet capacity (largest N that holds 20 Hz):", capacity)
+EOF
+    ;;
   esac
 done
 say "done"

@@ -8,8 +8,18 @@ os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 if not torch.cuda.is_available():
     # Triton kernels run in Triton's CPU interpreter; read when rtloop.policy.kernels is first imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# on a GPU, one fixed GEMV tile: the tests check results; `rtloop bench` measures the tuned kernels
-os.environ.setdefault("RTLOOP_AUTOTUNE", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fixed_kernel_tiles():
+    """On a GPU, engines built by tests run one fixed GEMV tile and no split timing: the tests check
+    results, and tuning made a GPU test file take minutes (`rtloop bench` measures the tuned kernels)."""
+    from rtloop.policy import kernels
+
+    default = kernels.DEFAULT_OPTIONS
+    kernels.DEFAULT_OPTIONS = kernels.KernelOptions(autotune=False)
+    yield
+    kernels.DEFAULT_OPTIONS = default
 
 
 @pytest.fixture(scope="session")

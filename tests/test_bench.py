@@ -29,6 +29,10 @@ def test_bench_writes_the_comparable_report(tmp_path):
             assert 0 < timing["p50_ms"] <= timing["p95_ms"] <= timing["p99_ms"]
         assert result["hz"] == pytest.approx(1000 / result["predict_action"]["p50_ms"], rel=0.01)
         assert result["peak_mem_gb"] is None  # CPU: no allocator peak; the process RSS is reported instead
+        # the raw per-call seconds are kept (latency models replay them), and the percentiles are theirs
+        calls, prep = result["predict_action_samples_s"], result["libero_image_samples_s"]
+        assert len(calls) == len(prep) == 2
+        assert result["predict_action"]["p50_ms"] == pytest.approx(500 * (calls[0] + calls[1]), abs=1e-3)
     assert report["peak_rss_gb"] > 0
     assert report["kernels"]["pdl"] is False  # a CPU run launches no kernels, programmatically or otherwise
     assert report["kernels"]["prefill_splits"] == []  # the prefill split is CUDA streams: never on a CPU
@@ -39,6 +43,12 @@ def test_bench_writes_the_comparable_report(tmp_path):
     assert "| reference |" in table and "| eager |" in table and "floor" in table and "PDL off" in table
     assert "prefill GEMMs whole" in table
     assert "| eager |" in r.stdout  # the same table on screen
+    from rtloop.runtime.latency import latency_model_from_args
+
+    eager = report["engines"]["eager"]
+    model = latency_model_from_args(None, f"{out}.json:eager", None, seed=0, order="recorded")
+    assert model.label == f"empirical: eager on {report['device']} ({out}.json, 2 samples, recorded order)"
+    assert model.sample(1) == eager["libero_image_samples_s"][1] + eager["predict_action_samples_s"][1]
 
 
 @pytest.mark.parametrize(
@@ -49,6 +59,9 @@ def test_bench_writes_the_comparable_report(tmp_path):
         (["--quant", "int4", "--device", "cpu"], "unknown weight format 'int4'"),
         (["--iters", "0"], "--iters and --agreement-frames must be >= 1"),
         (["--checkpoint", "/nonexistent/ckpt"], "no such directory"),
+        (["--batch", "1,x", "--device", "cpu"], "--batch '1,x': expected comma-separated frame counts"),
+        (["--batch", "1,64", "--device", "cpu"], "distinct frame counts from 1 to 32"),
+        (["--kernel-arch", "sm89", "--device", "cpu"], "kernel architecture sm89 cannot be forced on a CPU"),
     ],
 )
 def test_bench_bad_input_is_one_line(argv, message):
@@ -64,5 +77,45 @@ def test_bench_names_the_split_prefill_gemms():
     whole = {"rows": 288, "k": 4096, "n": 4096, "dtype": "float8_e4m3fn", "split": 0}
     k = {"triton": "3.6.0", "autotune": True, "pdl": True, "prefill_split": True, "prefill_splits": [split, whole]}
     assert _kernels_text(k).endswith("prefill GEMMs split: float8_e4m3fn 288x4096 -> 12288 at row 256")
-    assert _kernels_text(k | {"prefill_split": False}).endswith("prefill GEMMs whole (RTLOOP_PREFILL_SPLIT=0)")
+    assert _kernels_text(k | {"prefill_split": False}).endswith("prefill GEMMs whole (--no-prefill-split)")
+    assert "fixed tile (--no-autotune)" in _kernels_text(k | {"autotune": False})
+    assert "PDL off, sm89 code paths (forced)," in _kernels_text(k | {"pdl": False, "arch": "sm89", "forced_arch": True})
     assert "prefill" not in _kernels_text({"triton": "3.6.0", "autotune": True, "pdl": True})  # older reports
+
+
+def test_bench_batches_on_cpu(tmp_path):
+    """`rtloop bench --batch` on the tiny checkpoint: per batch size, latency, frames/s, the prefill timed
+    alone with its FLOPs, and every frame's tokens against its batch-1 tokens (equal in fp32)."""
+    from rtloop.bench import prefill_flops
+    from rtloop.policy.checkpoint import make_config
+    from rtloop.policy.config import OpenVLAConfig
+
+    out = tmp_path / "bench-batch"
+    r = rtloop("bench", "--size", "tiny", "--device", "cpu", "--engines", "eager", "--batch", "1,2,4", "--iters", "1",
+               "--warmup", "0", "--agreement-frames", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.with_suffix(".json").read_text())
+    batches = report["engines"]["eager"]["batches"]
+    assert list(batches) == ["1", "2", "4"]
+    config = OpenVLAConfig.from_dict(make_config("tiny"))
+    for size, b in batches.items():
+        assert 0 < b["predict_action"]["p50_ms"] <= b["predict_action"]["p99_ms"]
+        assert b["frames_per_s"] == pytest.approx(int(size) * 1000 / b["predict_action"]["p50_ms"], rel=0.01)
+        pre = b["prefill"]
+        assert pre["frames_computed"] == int(size) and pre["positions"] > 256 and pre["ms"] > 0
+        assert pre["flops"] == prefill_flops(config, int(size), pre["positions"])
+        if size != "1":
+            assert b["agreement_vs_batch1"]["token_agreement"] == 1.0
+    assert "| eager | 4 |" in out.with_suffix(".md").read_text()
+
+
+def test_prefill_flops_of_7b_are_about_two_per_weight_per_position():
+    from rtloop.bench import prefill_flops
+    from rtloop.policy.checkpoint import make_config
+    from rtloop.policy.config import OpenVLAConfig
+
+    config = OpenVLAConfig.from_dict(make_config("7b"))
+    flops = prefill_flops(config, 1, 288)
+    # 6.5e9 weights in the 32 layers, 2 FLOPs each per position: ~3.7 TFLOP, less the last layer's rows
+    assert 3.4e12 < flops < 3.9e12
+    assert prefill_flops(config, 8, 288) == 8 * flops

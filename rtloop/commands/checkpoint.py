@@ -31,19 +31,30 @@ def _make(args) -> int:
 
 
 def _inspect(args) -> int:
-    from rtloop.policy.checkpoint import check_checkpoint_dir
+    """Reads no weights: the shard headers are checked against the file sizes and the index (total_size
+    included), every dataset's action statistics against OpenVLA's 7 dimensions."""
+    from pathlib import Path
+
+    from rtloop.policy.actions import check_action_stats
+    from rtloop.policy.checkpoint import INDEX_FILE, checked_headers
     from rtloop.policy.config import OpenVLAConfig
 
-    files = check_checkpoint_dir(args.dir)
+    headers = checked_headers(Path(args.dir), check_total_size=True)
+    files = [h.path for h in headers]
+    checked = "the file sizes and the index" if (Path(args.dir) / INDEX_FILE).is_file() else "the file size"
     c = OpenVLAConfig.from_dir(args.dir)
+    for key, stats in sorted(c.norm_stats.items()):
+        check_action_stats(stats, f"{c.norm_stats_file}, key {key!r}")
     llm = c.llm
     generated = c.generated
     origin = (f"RANDOM WEIGHTS made by rtloop (size {generated['size']}, seed {generated['seed']})"
               if generated else "external checkpoint")
     lines = [
         f"checkpoint: {args.dir} ({origin})",
-        f"weights: {len(files)} file(s), {sum(f.stat().st_size for f in files) / 1e9:.3f} GB",
-        f"vision: {' + '.join(c.timm_model_ids)}, images {c.image_sizes}, {c.num_patches} patches",
+        f"weights: {len(files)} file(s), {sum(f.stat().st_size for f in files) / 1e9:.3f} GB, "
+        f"{sum(len(h.shapes) for h in headers)} tensors (headers match {checked})",
+        f"vision: {' + '.join(c.timm_model_ids)}, images {c.image_sizes} ({c.image_resize_strategy}), "
+        f"{c.num_patches} patches",
     ]
     for name, v in zip(("featurizer", "fused_featurizer"), c.vits):
         lines.append(f"  {name}: width {v.width}, depth {v.depth}, heads {v.heads}, mlp {v.mlp_dim}, "
@@ -54,7 +65,7 @@ def _inspect(args) -> int:
         f"heads {llm.num_attention_heads} (kv {llm.num_key_value_heads}), mlp {llm.intermediate_size}, "
         f"vocab {llm.vocab_size}",
         f"actions: {c.n_action_bins} bins, pad_to_multiple_of {c.pad_to_multiple_of}",
-        f"norm_stats keys: {', '.join(sorted(c.norm_stats)) or '(none)'}",
+        f"norm_stats keys ({Path(c.norm_stats_file).name}, 7-dim actions): {', '.join(sorted(c.norm_stats)) or '(none)'}",
     ]
     print("\n".join(lines))
     return 0

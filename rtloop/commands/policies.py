@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -86,14 +87,22 @@ def cache_dir() -> Path:
 
 
 def tiny_random_checkpoint() -> Path:
-    """The fallback checkpoint: generated once, then reused. Made in a temporary directory and renamed, so
-    an interrupted generation never leaves a half-written checkpoint in the cache."""
-    from rtloop.policy.checkpoint import make_checkpoint
+    """The fallback checkpoint: generated once, then reused while it is what this rtloop would generate (an
+    older generator's weights behave differently). Made in a temporary directory and renamed, so an
+    interrupted generation never leaves a half-written checkpoint in the cache."""
+    import shutil
+
+    from rtloop.policy.checkpoint import make_checkpoint, make_config
 
     path = cache_dir() / TINY_CACHE_NAME
-    if not (path / "config.json").exists():
+    try:
+        cached = json.loads((path / "config.json").read_text()).get("rtloop_generated")
+    except (OSError, ValueError):
+        cached = None
+    if cached != make_config("tiny", seed=0)["rtloop_generated"]:
         tmp = path.with_name(f"{TINY_CACHE_NAME}.tmp-{os.getpid()}")
         make_checkpoint("tiny", tmp, seed=0)
+        shutil.rmtree(path, ignore_errors=True)  # an older generator's, if any
         os.replace(tmp, path)
     return path
 
@@ -114,8 +123,8 @@ def resolve_checkpoint(arg: Path | None) -> Path:
 
 
 def build_policy(args: argparse.Namespace, checkpoint: Path | None, device: str):
-    """The policy `args` ask for (the run options: policy, policy_process, checkpoint-related options,
-    inject_delay/inject_mode). `checkpoint` is resolved for OpenVLA only (None otherwise). Runs on
+    """The policy `args` ask for (the run options after `validate`: policy, policy_process, the OpenVLA
+    options, the latency model and inject_mode, clock). `checkpoint` is resolved for OpenVLA only (None otherwise). Runs on
     the thread that will call it, or in the policy child process (--policy-process)."""
     if args.policy_process:
         from rtloop.runtime.policy_process import ProcessPolicy
@@ -131,14 +140,23 @@ def build_policy(args: argparse.Namespace, checkpoint: Path | None, device: str)
     else:
         import torch
 
+        from rtloop.policy.engines import BATCH_BUCKETS, batch_bucket
+        from rtloop.policy.kernel_options import kernel_options_from_args
         from rtloop.policy.openvla import OpenVLAPolicy
 
         if args.torch_threads is not None:
             torch.set_num_threads(args.torch_threads)
+        # a fleet hands act_batch the newest frame of each env: up to one per env, at most the largest bucket
+        max_batch = batch_bucket(min(args.envs or 1, BATCH_BUCKETS[-1]))
         policy = OpenVLAPolicy(checkpoint, unnorm_key=args.unnorm_key, suite=args.suite, device=device,
-                               engine=args.engine, center_crop=args.center_crop)
-    if args.inject_delay > 0:
+                               engine=args.engine, center_crop=args.center_crop, cuda_wait=args.cuda_wait,
+                               max_batch=max_batch, kernel_options=kernel_options_from_args(args))
+    from rtloop.runtime.latency import MeasuredLatency
+
+    # On the wall clock a latency model pads each call up to its sample; the policy's own measured time
+    # needs no padding, and on the virtual clock the runtime charges the sample without waiting for it.
+    if not isinstance(args._latency, MeasuredLatency) and args.clock == "wall":
         from rtloop.runtime.slow import SlowPolicy
 
-        policy = SlowPolicy(policy, args.inject_delay, args.inject_mode)
+        policy = SlowPolicy(policy, args._latency, args.inject_mode)
     return policy

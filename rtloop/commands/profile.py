@@ -62,7 +62,9 @@ def run_argv(args: argparse.Namespace, actions: list[argparse.Action]) -> list[s
         if value == a.default:
             continue
         flag = a.option_strings[-1]
-        if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if isinstance(a, argparse.BooleanOptionalAction):  # --x / --no-x: the one that gives this value
+            argv.append(a.option_strings[0] if value else a.option_strings[1])
+        elif isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             argv.append(flag)
         elif isinstance(value, (list, tuple)):
             argv += [flag, *map(str, value)]
@@ -78,7 +80,7 @@ def torch_profile(args: argparse.Namespace, out_dir: Path) -> dict | None:
     from rtloop.commands.policies import build_policy, resolve_checkpoint
     from rtloop.profiling.torch_trace import load_profile_frames, profile_policy
 
-    if args.torch_calls == 0 or args.policy_spec.kind != "openvla":  # the torch profiler profiles OpenVLA
+    if args.torch_calls == 0 or args._policy_spec.kind != "openvla":  # the torch profiler profiles OpenVLA
         return None
     device = args.device  # resolved by validate
     policy = build_policy(args, resolve_checkpoint(args.checkpoint), device)

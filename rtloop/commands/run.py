@@ -21,13 +21,21 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from rtloop.commands.policies import build_policy, parse_policy, resolve_checkpoint
+from rtloop.commands.policies import (TINY_CACHE_NAME, build_policy, parse_policy, resolve_checkpoint,
+                                      tiny_random_checkpoint)
+from rtloop.policy.kernel_options import add_kernel_arguments, kernel_options_from_args
+
+__all__ = ["TINY_CACHE_NAME", "add_arguments", "build_env", "build_policy", "default_trace_path", "machine", "main",
+           "resolve_checkpoint", "tiny_random_checkpoint", "validate", "versions"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from rtloop.runtime.latency import add_latency_arguments
+
     p.add_argument("--rate", type=float, default=20.0, help="sim ticks per second (default 20)")
     p.add_argument("--suite", default="libero_object", help="LIBERO suite (default libero_object)")
     p.add_argument("--task", type=int, default=0, help="task id within the suite (default 0)")
-    p.add_argument("--episodes", type=int, default=1, help="how many episodes (init states) to run (default 1)")
+    p.add_argument("--episodes", type=int, default=None,
+                   help="how many episodes (init states) to run (default 1; with --envs N, N)")
     p.add_argument("--episode-start", type=int, default=0, help="first init-state index (default 0)")
     p.add_argument("--policy", default="openvla",
                    help="what acts: openvla (default), expert (the scripted expert: privileged sim state, no images), "
@@ -42,6 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "suffix (see rtloop bench; default: compiled on CUDA, eager on CPU)")
     p.add_argument("--sync", action="store_true",
                    help="the blocking baseline: the sim waits for the model every tick")
+    p.add_argument("--clock", choices=("wall", "virtual"), default="wall",
+                   help="wall (default): real time. virtual: every tick advances time by exactly 1/rate and every "
+                        "inference takes the latency model's time (--inject-delay, --latency-profile, or the "
+                        "policy's own measured time), however long this machine takes: the run depends only on "
+                        "the latency model and the seeds")
     p.add_argument("--max-steps", type=int, default=None, help="cap on policy steps per episode")
     p.add_argument("--seed", type=int, default=0, help="env seed (default 0)")
     p.add_argument("--trace", type=Path, default=None,
@@ -50,22 +63,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port (default 9464, 0 = off)")
     p.add_argument("--sim", choices=("libero", "replay"), default="libero",
                    help="libero, or replay of recorded LIBERO frames (needs --replay)")
-    p.add_argument("--replay", type=Path, default=None, help="recorded frames for --sim replay (default: the recording shipped in tests/data)")
-    p.add_argument("--inject-delay", type=float, default=0.0, metavar="SECONDS",
-                   help="add this much latency to every inference (to study held actions and drops)")
+    p.add_argument("--replay", type=Path, default=None, help="recorded frames for --sim replay (default: the recording shipped in the package, rtloop/data)")
+    add_latency_arguments(p)
     p.add_argument("--max-action-age", type=float, default=1.0, metavar="SECONDS",
                    help="an action older than this (since its frame was captured) is not applied: the sim applies "
                         "the stop action (no motion, gripper unchanged) and alerts once (default 1.0)")
-    p.add_argument("--inject-mode", choices=("sleep", "spin-gil", "spin-nogil"), default="sleep",
-                   help="how the injected delay is spent: sleeping (default), burning CPU in Python holding the "
-                        "GIL, or burning CPU in native code without it")
     p.add_argument("--policy-process", action="store_true",
                    help="run the policy in its own process (frames through shared memory), off the sim's GIL")
+    p.add_argument("--cuda-wait", choices=("blocking", "spin"), default="blocking",
+                   help="how the host waits for the GPU: sleeping in the driver (default) or spinning a core, which "
+                        "slows the sim's physics on other cores (README, real LIBERO on the GPU)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch intra-op threads (default on CPU, async: one core fewer than the machine has, so "
                         "the sim keeps a core; otherwise torch's default)")
-    p.add_argument("--center-crop", action="store_true", help="90%% centre crop (checkpoints trained with it)")
+    p.add_argument("--center-crop", action=argparse.BooleanOptionalAction, default=True,
+                   help="90%% centre crop, on by default as in the official LIBERO eval (its checkpoints were "
+                        "fine-tuned with random crops); --no-center-crop for models trained without")
     p.add_argument("--quiet", action="store_true", help="no live view (the summary is still printed)")
+    p.add_argument("--envs", type=int, default=None,
+                   help="a fleet: N envs, each in its own worker ticking on its own clock, one inference task "
+                        "batching their newest frames (docs-fleet.md)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="fleet workers as local processes (default), or Ray actors (the policy a Ray actor too)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster for --backend ray, e.g. HEAD:6379 (default: start a local cluster)")
+    p.add_argument("--oversubscribe", action="store_true",
+                   help="allow --envs beyond this machine's (or the Ray cluster's) cores")
+    add_kernel_arguments(p)
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -81,8 +105,9 @@ def validate(args: argparse.Namespace) -> None:
             raise InputError(f"{option} must be a finite number {'>=' if low_ok else '>'} {low:g} (got {value:g})")
 
     finite("--rate", args.rate, 0, low_ok=False)
-    finite("--inject-delay", args.inject_delay, 0, low_ok=True)
     finite("--max-action-age", args.max_action_age, 0, low_ok=False)
+    if args.episodes is None:
+        args.episodes = args.envs or 1
     if args.episodes < 1:
         raise InputError(f"--episodes must be >= 1 (got {args.episodes})")
     if not 0 <= args.episode_start or args.episode_start + args.episodes > INIT_STATES_PER_TASK:
@@ -94,8 +119,14 @@ def validate(args: argparse.Namespace) -> None:
         raise InputError(f"--max-steps must be >= 1 (got {args.max_steps})")
     if args.torch_threads is not None and args.torch_threads < 1:
         raise InputError(f"--torch-threads must be >= 1 (got {args.torch_threads})")
+    from rtloop.runtime.latency import latency_model_from_args
+
+    args._latency = latency_model_from_args(args.inject_delay, args.latency_profile, args.latency_scale, args.seed,
+                                            args.latency_order)
     if not 0 <= args.metrics_port <= 65535:
         raise InputError(f"--metrics-port must be 0..65535 (got {args.metrics_port})")
+    if args.clock == "virtual" and args.envs is not None:
+        raise InputError("--clock virtual runs one env: a fleet (--envs) ticks on the wall clock")
     if args.replay is not None and not args.replay.exists():
         raise InputError(f"--replay {args.replay}: no such file")
     if args.trace is not None:
@@ -107,15 +138,19 @@ def validate(args: argparse.Namespace) -> None:
 
         check_video_path(args.video)
         check_writable(args.video, "--video")
-    args.policy_spec = parse_policy(args.policy)
+    args._policy_spec = parse_policy(args.policy)
     args.device = resolve_device(args.device)
-    if args.policy_spec.kind == "openvla":
+    if args._policy_spec.kind == "openvla":
         from rtloop.policy.engines import check_engine_device
 
         # fastest measured engine on an H100 (profiles/bench-h100-7b.md); the graph engines need CUDA
         if args.engine is None:
             args.engine = "compiled" if args.device.startswith("cuda") else "eager"
         check_engine_device(args.engine, args.device)
+        try:
+            kernel_options_from_args(args).resolve(args.device)
+        except ValueError as e:
+            raise InputError(str(e)) from None
     if args.sim == "libero":
         if os.environ.setdefault("MUJOCO_GL", "egl") == "egl":
             import ctypes
@@ -131,11 +166,13 @@ def validate(args: argparse.Namespace) -> None:
 
 def trace_path(args: argparse.Namespace) -> Path:
     """--trace, or runs/<timestamp>/trace.jsonl in a directory this run created (never shared)."""
+    return args.trace if args.trace is not None else default_trace_path()
+
+
+def default_trace_path() -> Path:
     from rtloop.commands.paths import new_run_dir
     from rtloop.errors import InputError
 
-    if args.trace is not None:
-        return args.trace
     try:
         return new_run_dir() / "trace.jsonl"
     except OSError as e:
@@ -182,6 +219,10 @@ def main(args: argparse.Namespace) -> int:
         terminated.append(signum)
         raise KeyboardInterrupt
 
+    if args.envs is not None or args.backend != "local" or args.address is not None:
+        from rtloop.fleet.command import main as fleet_main
+
+        return fleet_main(args)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
@@ -205,6 +246,7 @@ def _run(args: argparse.Namespace, terminated: list[int], on_sigterm) -> tuple[b
     import anyio
 
     from rtloop.errors import InputError
+    from rtloop.clock import WALL, VirtualClock
     from rtloop.runtime.live import LiveView, run_live_view
     from rtloop.runtime.loop import LoopConfig, Runtime
     from rtloop.runtime.records import Fanout, RunRecord
@@ -213,11 +255,17 @@ def _run(args: argparse.Namespace, terminated: list[int], on_sigterm) -> tuple[b
     from rtloop.runtime.video import VideoWriter
     from rtloop.runtime.worker import WorkerThread
 
+    from rtloop.sim.versions import mujoco_version_warning
+
     validate(args)
-    spec = args.policy_spec
+    spec = args._policy_spec
+    mujoco_warning = mujoco_version_warning() if args.sim == "libero" else None
+    if mujoco_warning:  # once per run, after the input checks, before the load; the run header keeps it too
+        print(f"rtloop: warning: {mujoco_warning}", file=sys.stderr)
     device = args.device  # resolved by validate
     engine = spec.engine_label or args.engine
-    if spec.kind == "openvla" and args.torch_threads is None and device == "cpu" and not args.sync:
+    virtual = args.clock == "virtual"
+    if spec.kind == "openvla" and args.torch_threads is None and device == "cpu" and not (args.sync or virtual):
         # Measured on the 2-core machine: torch's 2 threads and LIBERO's software renderer oversubscribe
         # the CPU and both slow down several-fold (README, runtime section).
         args.torch_threads = max(1, (os.cpu_count() or 2) - 1)
@@ -253,7 +301,7 @@ def _run(args: argparse.Namespace, terminated: list[int], on_sigterm) -> tuple[b
         sinks += [log, trace]
         config = LoopConfig(rate=args.rate, max_steps=args.max_steps, sync=args.sync,
                             max_action_age=args.max_action_age)
-        mode = "sync (blocking baseline)" if args.sync else "async"
+        mode = ("sync (blocking baseline)" if args.sync else "async") + (", virtual clock" if virtual else "")
         title = (f"rtloop run: {policy.label} | {env.label} {env.suite} task {env.task_id} | {mode} at "
                  f"{args.rate:g} Hz on {device}")
         live = None
@@ -261,17 +309,22 @@ def _run(args: argparse.Namespace, terminated: list[int], on_sigterm) -> tuple[b
             live = LiveView(title, config.steps_limit(env.horizon), args.episodes)
             sinks.append(live)
         runtime = Runtime(env, policy, sim_thread, policy_thread, Fanout(sinks), config,
-                          keep_frames=args.video is not None)
+                          keep_frames=args.video is not None, clock=VirtualClock() if virtual else WALL,
+                          latency=args._latency if virtual else None)
         video = VideoWriter(args.video, args.rate) if args.video is not None else None
         runtime.sinks.on_record(RunRecord({
             "rate": args.rate, "suite": env.suite, "task": env.task_id, "engine": engine, "sync": args.sync,
+            "clock": args.clock,
             "policy": policy.label, "policy_kind": spec.kind, "random_weights": "RANDOM WEIGHTS" in policy.label,
             "sim": env.label, "instruction": env.instruction, "horizon": env.horizon,
             "steps_limit": config.steps_limit(env.horizon),
             "checkpoint": None if checkpoint is None else str(checkpoint), "device": device,
             "torch_threads": args.torch_threads,
-            "config": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "policy_spec"},
+            "cuda_wait": args.cuda_wait if device.startswith("cuda") else None,
+            "latency": args._latency.describe(),
+            "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
             "machine": machine(device), "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "mujoco_warning": mujoco_warning,
         }))
         bad_input: list[InputError] = []
 

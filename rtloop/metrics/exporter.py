@@ -33,6 +33,9 @@ LATENCY_BUCKETS = (
     0.06, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
 )
 
+# A fleet's policy call takes 1..32 frames; the batched engines have CUDA graphs for these sizes.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+
 SIM_STAGES = ("step", "render", "physics")
 RUN_LABELS = ("suite", "task", "engine")
 
@@ -108,6 +111,14 @@ class PrometheusSink:
             "rtloop_action_age_seconds", "Tick start minus the capture time of the applied action's frame"
         )
 
+        # The fleet (rtloop run --envs N): per-env series carry an `env` label, "0".."N-1", so their number
+        # is bounded by N.
+        self._envs = gauge("rtloop_fleet_envs", "Envs in the fleet (1 for a single-env run)")
+        self._batch_size = Histogram("rtloop_inference_batch_size", "Frames per policy call (a fleet's batch)",
+                                     list(L), registry=r, buckets=BATCH_BUCKETS)
+        self._env_actions = counter("rtloop_env_actions", "Actions applied, per env and source", ["env", "source"])
+        self._env_action_age = histogram("rtloop_env_action_age_seconds", "Action age, per env", ["env"])
+
         self._ticks = counter("rtloop_ticks", "Sim ticks")
         self._overruns = counter("rtloop_tick_overruns", "Ticks that ran past their budget")
         self._actions = counter("rtloop_actions", "Actions applied, by source (fresh, held, dummy, stop)", ["source"])
@@ -119,7 +130,7 @@ class PrometheusSink:
         self._alerts = counter("rtloop_alerts", "Silent-failure alerts raised by the policy, by kind", ["kind"])
 
         self._run: dict | None = None  # the run's labels and its bound children, set by the run record
-        self._dropped_seen = 0
+        self._dropped_seen: dict[int, int] = {}  # env -> its last running total of dropped frames
         self._kinds_seen: dict[str, set[str]] = {"errors": set(), "alerts": set()}
         self._kinds_lock = threading.Lock()  # errors and alerts may come from either task's thread
 
@@ -166,6 +177,12 @@ class PrometheusSink:
         )
         self._run["stage"] = {s: self._stage.labels(**labels, stage=s) for s in (*STAGES, *SIM_STAGES)}
         self._run["actions"] = {s: self._actions.labels(**labels, source=s) for s in ACTION_SOURCES}
+        envs = int(info.get("envs", 1))
+        self._envs.labels(**labels).set(envs)
+        self._run["batch_size"] = self._batch_size.labels(**labels)
+        self._run["env_actions"] = [{s: self._env_actions.labels(**labels, env=str(e), source=s)
+                                     for s in ACTION_SOURCES} for e in range(envs)]
+        self._run["env_action_age"] = [self._env_action_age.labels(**labels, env=str(e)) for e in range(envs)]
         for kind in _error_kinds():
             self._count_kind("errors", kind, 0)
         for kind in (*ALERT_KINDS, "other"):
@@ -186,12 +203,17 @@ class PrometheusSink:
             run["overruns"].inc()
         if rec.interval_s is not None:
             run["interval"].observe(rec.interval_s)
+        run["env_actions"][rec.env][rec.action_source].inc()
         if rec.action_age_s is not None:
             run["action_age"].observe(rec.action_age_s)
-        # The record carries a running total; a counter wants increments.
-        if rec.frames_dropped_total > self._dropped_seen:
-            run["dropped"].inc(rec.frames_dropped_total - self._dropped_seen)
-            self._dropped_seen = rec.frames_dropped_total
+            run["env_action_age"][rec.env].observe(rec.action_age_s)
+        # The record carries a running total per env; a counter wants increments. A total that falls starts
+        # again from 0 (a fleet env whose worker was replaced).
+        seen = self._dropped_seen.get(rec.env, 0)
+        fresh_drops = rec.frames_dropped_total - seen if rec.frames_dropped_total >= seen else rec.frames_dropped_total
+        if fresh_drops > 0:
+            run["dropped"].inc(fresh_drops)
+        self._dropped_seen[rec.env] = rec.frames_dropped_total
 
     def _on_inference(self, rec: InferenceRecord) -> None:
         run = self._bound()
@@ -199,6 +221,8 @@ class PrometheusSink:
         run["inference"].observe(rec.t_end - rec.t_start)
         run["queue_wait"].observe(rec.queue_wait_s)
         run["frame_age"].observe(rec.frame_age_s)
+        if rec.batch_index == 0:  # one observation per policy call
+            run["batch_size"].observe(rec.batch_size)
         for stage, seconds in rec.stages.items():
             if stage in STAGES:
                 run["stage"][stage].observe(seconds)

@@ -28,19 +28,21 @@ class PanelQuery:
     legend: str  # legendFormat ("__auto" when Grafana picks)
     expr: str  # PromQL, with Grafana's $variables still in it
     instant: bool
+    row: str = ""  # the title of the row the panel sits under ("" above the first row)
 
 
 def dashboard_queries(dashboard: dict) -> list[PanelQuery]:
     """Every PromQL target of every panel, rows included."""
     out = []
-    panels = list(dashboard.get("panels", []))
-    while panels:
-        panel = panels.pop(0)
-        panels.extend(panel.get("panels") or [])  # collapsed rows keep their panels inside
-        for target in panel.get("targets") or []:
-            if target.get("expr"):
-                out.append(PanelQuery(panel["title"], target.get("legendFormat", ""), target["expr"],
-                                      bool(target.get("instant"))))
+    row = ""
+    for top in dashboard.get("panels", []):
+        if top.get("type") == "row":
+            row = top.get("title", "")
+        for panel in [top, *(top.get("panels") or [])]:  # collapsed rows keep their panels inside
+            for target in panel.get("targets") or []:
+                if target.get("expr"):
+                    out.append(PanelQuery(panel["title"], target.get("legendFormat", ""), target["expr"],
+                                          bool(target.get("instant")), row))
     return out
 
 

@@ -12,16 +12,37 @@ from typing import Any
 
 import numpy as np
 
-from rtloop.errors import ActionError, UnnormKeyError
+from rtloop.errors import ActionError, CheckpointError, UnnormKeyError
 
 ACTION_DIM = 7
 LIBERO_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 
 
-class ActionDetokenizer:
-    """token ids -> unnormalised action, for one checkpoint (vocabulary) and one dataset (statistics)."""
+def check_action_stats(stats: Any, where: str) -> None:
+    """One dataset's statistics must give q01 and q99 (and mask, where present) for each of OpenVLA's 7
+    action dimensions; `where` names them in the one-line CheckpointError (file and key)."""
+    action = stats.get("action") if isinstance(stats, dict) else None
+    if not isinstance(action, dict) or not {"q01", "q99"} <= action.keys():
+        raise CheckpointError(f"{where}: no action q01/q99 statistics")
+    for name in ("q01", "q99", "mask"):
+        if name not in action:
+            continue
+        values = action[name]
+        n = len(values) if isinstance(values, list) else None
+        if n != ACTION_DIM:
+            raise CheckpointError(f"{where}: the action statistics have the wrong dimension ({name} has "
+                                  f"{n if n is not None else 'no list of'} entries; OpenVLA's actions have {ACTION_DIM})")
+        if name != "mask" and not all(isinstance(v, (int, float)) for v in values):
+            raise CheckpointError(f"{where}: action {name} holds a non-number")
 
-    def __init__(self, text_vocab_size: int, pad_to_multiple_of: int, n_action_bins: int, stats: dict[str, Any]):
+
+class ActionDetokenizer:
+    """token ids -> unnormalised action, for one checkpoint (vocabulary) and one dataset (statistics).
+    `where` names the statistics (file and key) in the error for malformed ones."""
+
+    def __init__(self, text_vocab_size: int, pad_to_multiple_of: int, n_action_bins: int, stats: dict[str, Any],
+                 where: str = "the action statistics"):
+        check_action_stats(stats, where)
         # text_vocab_size (32064) is Llama's 32000 + <PAD>, padded to a multiple of 64: the official code
         # subtracts the padding to get back to 32000, the id just past the last action token.
         self.vocab_size = text_vocab_size - pad_to_multiple_of
@@ -58,21 +79,30 @@ class ActionDetokenizer:
         return action
 
 
-def resolve_unnorm_key(norm_stats: dict[str, Any], key: str | None) -> str:
-    """The official `_check_unnorm_key`, as one-line errors instead of asserts."""
+FINETUNED_HINT = ("LIBERO keys exist only in the fine-tuned checkpoints (openvla-7b-finetuned-libero-*, "
+                  "each with its own suite's), not in the base openvla-7b.")
+
+
+def resolve_unnorm_key(norm_stats: dict[str, Any], key: str | None, suite: str | None = None) -> str:
+    """The official `_check_unnorm_key`, as one-line errors instead of asserts. With no key, a LIBERO `suite`
+    picks `<suite>` or `<suite>_no_noops` (default_unnorm_key), as the official eval passes the suite's name;
+    a checkpoint with neither is an error, not a fall-back to whatever single dataset it has."""
     keys = sorted(norm_stats)
     if not keys:
         raise UnnormKeyError("the checkpoint has no normalisation statistics (norm_stats is empty)")
+    if key is None and suite is not None:
+        key = default_unnorm_key(norm_stats, suite)
+        if key is None:
+            raise UnnormKeyError(f"this checkpoint has no statistics for {suite} ({suite} or {suite}_no_noops); "
+                                 f"it has: {', '.join(keys)}. {FINETUNED_HINT} Choose one with --unnorm-key "
+                                 "to use another dataset's.")
     if key is None:
         if len(keys) > 1:
             raise UnnormKeyError(f"the checkpoint has statistics for {len(keys)} datasets; choose one with "
                                  f"--unnorm-key: {', '.join(keys)}")
         return keys[0]
     if key not in norm_stats:
-        hint = ""
-        if _suite_of(key) is not None:
-            hint = (" LIBERO keys exist only in the fine-tuned checkpoints (openvla-7b-finetuned-libero-*), "
-                    "not in the base openvla-7b.")
+        hint = f" {FINETUNED_HINT}" if _suite_of(key) is not None else ""
         raise UnnormKeyError(f"unknown unnorm_key {key!r}; this checkpoint has: {', '.join(keys)}.{hint}")
     return key
 

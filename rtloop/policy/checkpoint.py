@@ -27,6 +27,7 @@ from torch import nn
 
 from rtloop.errors import CheckpointError
 from rtloop.policy.config import OpenVLAConfig
+from rtloop.policy.linear import fuse_checkpoint_state_
 from rtloop.policy.model import OpenVLA
 
 REQUIRED_FILES = ("config.json", "tokenizer.model")  # plus the weights: *.safetensors (see weight_files)
@@ -49,11 +50,7 @@ def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory; a one-line CheckpointError naming what is missing."""
     index = path / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise CheckpointError(f"{index} is not a safetensors index (no weight_map)") from None
-        files = [path / name for name in sorted(set(weight_map.values()))]
+        files = [path / name for name in sorted(set(read_index(path)["weight_map"].values()))]
         for f in files:
             if not f.is_file():
                 raise CheckpointError(f"weight shard {f} named in {INDEX_FILE} is missing")
@@ -64,9 +61,106 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+def read_index(path: Path) -> dict[str, Any]:
+    index = path / INDEX_FILE
+    try:
+        d = json.loads(index.read_text())
+        if not isinstance(d["weight_map"], dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{index} is not a safetensors index (no weight_map)") from None
+    return d
+
+
+# bytes per element of the safetensors dtypes; a dtype not listed here skips the per-tensor size check
+SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                        "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+@dataclass
+class ShardHeader:
+    path: Path
+    shapes: dict[str, list[int]]  # tensor name -> shape
+    tensor_bytes: int  # the data section the header describes
+
+
+def read_shard_header(f: Path) -> ShardHeader:
+    """A safetensors file's header (8-byte little-endian length, then JSON), checked against the file's size
+    without reading the tensors: a truncated or padded file, or a damaged header, is a one-line
+    CheckpointError naming the file."""
+    size = f.stat().st_size
+    with f.open("rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else None
+        if n is None or n > size - 8:
+            raise CheckpointError(f"weight shard {f} is truncated or not a safetensors file "
+                                  f"({size} bytes, shorter than the header it announces)")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, ValueError):
+            raise CheckpointError(f"weight shard {f} has an unreadable safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"weight shard {f} has an unreadable safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    shapes, end = {}, 0
+    for name, info in header.items():
+        try:
+            dtype, shape, (start, stop) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"weight shard {f}: malformed header entry for {name!r}") from None
+        itemsize = SAFETENSORS_ITEMSIZE.get(dtype)
+        if itemsize is not None and stop - start != math.prod(shape) * itemsize:
+            raise CheckpointError(f"weight shard {f}: the header gives {name} {dtype} {shape} "
+                                  f"({math.prod(shape) * itemsize} bytes) a span of {stop - start} bytes")
+        shapes[name], end = shape, max(end, stop)
+    data = size - 8 - n
+    if data < end:
+        raise CheckpointError(f"weight shard {f} is truncated: its header describes {8 + n + end} bytes, "
+                              f"the file has {size}")
+    if data > end:
+        raise CheckpointError(f"weight shard {f} has {data - end} bytes past the tensors its header describes")
+    return ShardHeader(f, shapes, end)
+
+
+def read_weight_headers(path: Path, files: list[Path], check_total_size: bool = False) -> list[ShardHeader]:
+    """Every shard's header, and (sharded checkpoints) each against the index: every tensor the index maps
+    to a shard is in that shard's header, and no shard holds a tensor the index does not list.
+    `check_total_size` also compares the index's `metadata.total_size` with the tensor bytes (inspect does;
+    loading needs only the keys and shapes)."""
+    headers = [read_shard_header(f) for f in files]
+    seen: dict[str, Path] = {}
+    for h in headers:
+        for name in h.shapes:
+            if name in seen:
+                raise CheckpointError(f"tensor {name} is stored twice: in {seen[name].name} and {h.path.name}")
+            seen[name] = h.path
+    if not (path / INDEX_FILE).is_file():
+        return headers
+    index = read_index(path)
+    for name, shard in index["weight_map"].items():
+        if name not in seen:
+            raise CheckpointError(f"{INDEX_FILE} maps {name} to {shard}, whose header does not have it")
+        if seen[name].name != shard:
+            raise CheckpointError(f"{INDEX_FILE} maps {name} to {shard}, but it is in {seen[name].name}")
+    unlisted = sorted(seen.keys() - index["weight_map"].keys())
+    if unlisted:
+        raise CheckpointError(f"{seen[unlisted[0]]} holds {len(unlisted)} tensor(s) {INDEX_FILE} does not "
+                              f"list (e.g. {unlisted[0]})")
+    total = (index.get("metadata") or {}).get("total_size")
+    stored = sum(h.tensor_bytes for h in headers)
+    if check_total_size and total is not None and total != stored:
+        raise CheckpointError(f"{INDEX_FILE} gives total_size {total} bytes; the shards' headers describe {stored}")
+    return headers
+
+
 def check_checkpoint_dir(path: str | Path) -> list[Path]:
-    """Validate a checkpoint directory without reading weights; return its weight files."""
-    path = Path(path)
+    """Validate a checkpoint directory without reading weights (the files, the shard headers against the
+    file sizes and the index); return its weight files."""
+    return [h.path for h in checked_headers(Path(path))]
+
+
+def checked_headers(path: Path, check_total_size: bool = False) -> list[ShardHeader]:
+    """check_checkpoint_dir's checks; the shard headers they read."""
     if not path.exists():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     if not path.is_dir():
@@ -74,7 +168,7 @@ def check_checkpoint_dir(path: str | Path) -> list[Path]:
     for name in REQUIRED_FILES:
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-    return weight_files(path)
+    return read_weight_headers(path, weight_files(path), check_total_size)
 
 
 def _key_problems(expected: dict[str, torch.Size], found: dict[str, list[int]]) -> str | None:
@@ -102,28 +196,25 @@ def load_checkpoint(
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    files = check_checkpoint_dir(path)
+    headers = checked_headers(path)
     config = OpenVLAConfig.from_dir(path)
     with torch.device("meta"):
         model = OpenVLA(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-
-    try:
-        shapes = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as sf:
-                shapes.update({k: sf.get_slice(k).get_shape() for k in sf.keys()})
-        problem = _key_problems(expected, shapes)
-        if problem:
-            raise CheckpointError(f"{path}: {problem}")
-        state = {}
-        for f in files:
+    shapes = {k: v for h in headers for k, v in h.shapes.items()}
+    problem = _key_problems(expected, shapes)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+    state = {}
+    for f in (h.path for h in headers):
+        try:
             with safe_open(str(f), framework="pt", device=str(device)) as sf:
                 for k in sf.keys():
                     t = sf.get_tensor(k)
                     state[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-    except SafetensorError as e:
-        raise CheckpointError(f"{path}: unreadable safetensors file: {str(e).splitlines()[0]}") from None
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"weight shard {f} is unreadable: {str(e).splitlines()[0]}") from None
+    fuse_checkpoint_state_(model, state)  # [q; k; v] and [gate; up] become one tensor each, one at a time
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
     model.eval()
@@ -210,7 +301,8 @@ def make_config(size: str, seed: int = 0) -> dict[str, Any]:
         "norm_stats": synthetic_norm_stats(),
         "text_config": text_config,
         "torch_dtype": dtype,
-        "rtloop_generated": {"size": size, "seed": seed, "random_weights": True},
+        # action_bias: the generator's knob (CHANNEL0_BIAS); a cached checkpoint made with another is stale
+        "rtloop_generated": {"size": size, "seed": seed, "random_weights": True, "action_bias": CHANNEL0_BIAS[size]},
     }
     if size == "tiny":
         config["rtloop_vit_args"] = TINY_VITS
@@ -245,17 +337,20 @@ INIT_STD = {"tiny": 0.1, "7b": 0.02}
 
 # 7b: the 32 random layers add noise of RMS ~13 to every residual channel (measured on 4 layers of the real
 # shape: RMS 2.4, 3.5, 4.3, 5.1 after each), which buries a +1 on channel 0; at 128 the action logits stand
-# ~9 above the others (whose spread is ~1.3). Tiny keeps 1.0.
-CHANNEL0_BIAS = {"tiny": 1.0, "7b": 128.0}
+# ~9 above the others (whose spread is ~1.3). Tiny, seed 0, centre-cropped frames: at 1.0, 5 of the 60
+# recorded LIBERO frames (MuJoCo 3.3.2's brighter render) gave a non-action token; at 2.0 none did, and
+# they gave 25 distinct token sequences (20 smooth random images: all action tokens, 17 distinct); at 3.0
+# only 4 distinct: the bias starts to drown the image.
+CHANNEL0_BIAS = {"tiny": 2.0, "7b": 128.0}
 
 
 @torch.no_grad()
 def _favour_action_tokens_(name: str, tensor: torch.Tensor, config: OpenVLAConfig) -> None:
     """Random checkpoints only (both sizes; latency does not depend on weight values): every token embedding
-    gets +1 on channel 0, which the residual stream carries to the last position; lm_head reads channel 0
-    only for the 256 action ids (31744..31999), lifting their logits by several units (tiny, seed 0: 10 of 10
-    random images gave 7 action tokens, 9 distinct sequences). So a random model usually emits action
-    tokens, and which one still depends on the image and prompt."""
+    gets CHANNEL0_BIAS on channel 0, which the residual stream carries to the last position; lm_head reads
+    channel 0 only for the 256 action ids (31744..31999), lifting their logits by several units (numbers
+    at CHANNEL0_BIAS). So a random model usually emits action tokens, and which one still depends on the
+    image and prompt."""
     last = config.llm.vocab_size - config.pad_to_multiple_of  # 32000
     if name == "language_model.model.embed_tokens.weight":
         tensor[:, 0] = CHANNEL0_BIAS[(config.generated or {}).get("size", "tiny")]
@@ -278,9 +373,10 @@ def build_random_model(size: str, device: str | torch.device = "cpu", dtype: tor
     """A random-weight OpenVLA built directly on `device` (for 7b: GPU memory, no disk, no CPU copy)."""
     model = build_meta_model(size, dtype, seed).to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        init_tensor_(name, p, INIT_STD[size], generator)
-        _favour_action_tokens_(name, p, model.config)
+    # under the checkpoint's names (views of the fused matrices): the same values a checkpoint file gets
+    for name, t in model.state_dict().items():
+        init_tensor_(name, t, INIT_STD[size], generator)
+        _favour_action_tokens_(name, t, model.config)
     model.requires_grad_(False)
     return model.eval()
 
@@ -313,7 +409,8 @@ def make_checkpoint(size: str, out: str | Path, seed: int = 0) -> Path:
     metadata = {"format": "pt"}
     if size == "tiny":
         model = build_random_model("tiny", "cpu", torch.float32, seed)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors", metadata)
+        # clones: the parts of a fused matrix are views of one tensor, which safetensors will not store
+        save_file({k: v.clone() for k, v in model.state_dict().items()}, out / "model.safetensors", metadata)
     else:
         meta = build_meta_model(size, torch.bfloat16, seed)
         shapes = {k: (v.shape, v.dtype) for k, v in meta.state_dict().items()}

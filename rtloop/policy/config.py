@@ -89,6 +89,10 @@ TIMM_VIT_ARGS: dict[str, VitArgs] = {
     ),
 }
 
+# config.json's `image_resize_strategy` values rtloop implements (rtloop.policy.processor.pixel_values). The
+# official processor also knows "resize-crop" and "letterbox"; no released OpenVLA checkpoint uses them.
+RESIZE_STRATEGIES = ("resize-naive",)
+
 # timm's names for the activations `timm_override_act_layers` may name; both are what nn.GELU offers.
 ACT_OVERRIDES = {"gelu": "gelu", "gelu_tanh": "gelu_tanh"}
 
@@ -128,6 +132,7 @@ class OpenVLAConfig:
     text_config: dict[str, Any]
     llm: LlamaArgs
     vits: list[VitArgs]  # [DINOv2 (featurizer), SigLIP (fused_featurizer)]
+    norm_stats_file: str  # where norm_stats came from: config.json, or a dataset_statistics.json beside it
     raw: dict[str, Any] = field(repr=False)
 
     @property
@@ -144,8 +149,12 @@ class OpenVLAConfig:
         return self.raw.get("rtloop_generated")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> OpenVLAConfig:
+    def from_dict(cls, d: dict[str, Any], norm_stats_file: str = "config.json") -> OpenVLAConfig:
         try:
+            resize = d.get("image_resize_strategy", "resize-naive")
+            if resize not in RESIZE_STRATEGIES:
+                raise CheckpointError(f"config.json: image_resize_strategy {resize!r} is not implemented; "
+                                      f"rtloop supports {', '.join(map(repr, RESIZE_STRATEGIES))}")
             if not d["use_fused_vision_backbone"] or len(d["timm_model_ids"]) != 2:
                 raise CheckpointError("only the fused DINOv2 + SigLIP vision backbone of OpenVLA is supported")
             if not d["arch_specifier"].endswith("fused-gelu-mlp"):
@@ -167,7 +176,7 @@ class OpenVLAConfig:
                 image_sizes=image_sizes,
                 timm_model_ids=list(d["timm_model_ids"]),
                 timm_override_act_layers=acts,
-                image_resize_strategy=d.get("image_resize_strategy", "resize-naive"),
+                image_resize_strategy=resize,
                 llm_max_length=d.get("llm_max_length", 2048),
                 pad_token_id=d.get("pad_token_id", 32000),
                 pad_to_multiple_of=d.get("pad_to_multiple_of", 64),
@@ -176,6 +185,7 @@ class OpenVLAConfig:
                 text_config=text_config,
                 llm=LlamaArgs.from_text_config(text_config),
                 vits=vits,
+                norm_stats_file=norm_stats_file,
                 raw=d,
             )
         except KeyError as e:
@@ -194,7 +204,8 @@ class OpenVLAConfig:
         stats_file = path / "dataset_statistics.json"
         if stats_file.is_file():
             d["norm_stats"] = _read_json(stats_file)
-        return cls.from_dict(d)
+            return cls.from_dict(d, str(stats_file))
+        return cls.from_dict(d, str(config_file))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

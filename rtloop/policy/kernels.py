@@ -14,17 +14,21 @@ over the cache, split into chunks of keys that one program each loads at once.
 On Hopper both are launched as programmatic dependent launches (PDL): the GPU starts a kernel while the one
 before it finishes; the kernel loads what that one does not write (its weights, the cached keys and values)
 and then waits for it in `gdc_wait`. Every kernel waits before it triggers its own dependents, so a kernel
-that starts early can only overlap its direct predecessor. Worth 1.4 ms of a 39 ms call on an H100.
+that starts early can only overlap its direct predecessor.
 
 Prefill (~280 tokens) is a real matmul and runs on tensor cores: `int8_matmul` / `fp8_matmul` quantise the
 activations on the fly (one scale per token) and call cuBLAS's 8-bit GEMMs, then apply the weights' per-row
-scales. Quantising activations costs accuracy that weight-only decoding does not: on Gaussian activations
-with a few 20x outlier channels (Llama-like), the relative error of a 4096x4096 product is 0.9% with int8
-weights alone but 6.6% once the activations are int8 too; fp8 is 2.7% (weights) and 3.6% (both). A
-~288-row fp8 GEMM may run its last rows on a side stream (`prefill_split`, `prefill_fp8_matmul`), where it
-times faster that way.
+scales. Quantising activations costs accuracy that weight-only decoding does not (README, "Performance",
+has the measured errors). A ~288-row fp8 GEMM may run its last rows on a side stream (`prefill_split`,
+`prefill_fp8_matmul`), where it times faster that way.
 
-`TRITON_INTERPRET=1` runs the Triton kernel on the CPU (numpy, slow): the tests use it where there is no GPU.
+How they run is explicit, never read from the environment: `KernelOptions` (autotuning, PDL, the prefill
+split, and the architecture whose code paths to take) is an engine option and a `rtloop bench`/`run` flag,
+resolved against the device by `KernelOptions.resolve`. Measured effects of each are in README
+("Performance") and profiles/README.md.
+
+`TRITON_INTERPRET=1` (Triton's own switch) runs the Triton kernel on the CPU (numpy, slow): the tests use it
+where there is no GPU.
 """
 
 from __future__ import annotations
@@ -34,27 +38,24 @@ from functools import partial
 
 import torch
 
+from rtloop.policy.kernel_options import FIXED_TILE, KernelOptions  # noqa: F401  (FIXED_TILE: for scripts)
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only installs: the compiled engine needs CUDA (and so Triton) anyway
     triton = None
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# RTLOOP_AUTOTUNE=0: one fixed GEMV tile instead of timing 40 per (shape, dtypes, flags). The GPU tests set
-# it: they check what the kernel computes, and the tuning made a whole test file take minutes.
-AUTOTUNE = os.environ.get("RTLOOP_AUTOTUNE", "1") != "0"
-# RTLOOP_PDL=0: launch the decode kernels one after another, as plain launches (to measure what PDL buys)
-PDL = os.environ.get("RTLOOP_PDL", "1") != "0"
-# RTLOOP_PREFILL_SPLIT=0: run each 8-bit prefill GEMM whole (see prefill_split)
-PREFILL_SPLIT = os.environ.get("RTLOOP_PREFILL_SPLIT", "1") != "0"
-FIXED_TILE = (2, 1024, 4, False)  # (BLOCK_N, BLOCK_K, num_warps, ROW_SUMS) of the GEMV when not autotuning
-INT8_BITS = True  # widen int8 weights with float bit arithmetic, not the conversion instruction (_widen)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's own switch, read by Triton too
 
 
 def available(device: torch.device) -> bool:
     """Whether `gemv` can run on `device`."""
     return triton is not None and (device.type == "cuda" or INTERPRET)
+
+
+# What engines use when given no options. Only a test harness replaces it (tests/conftest.py: autotune off).
+DEFAULT_OPTIONS = KernelOptions()
 
 
 if triton is not None:
@@ -68,9 +69,9 @@ if triton is not None:
     @triton.jit
     def _widen(w, INT8_BITS: tl.constexpr):
         """Weights to float32. INT8_BITS: int8 by float bit arithmetic, not I2F, a quarter-rate instruction that
-        int8 weights streaming at full bandwidth keep busy (in the decode graph on an H100: 2.63 TB/s against
-        2.35). The same trick for fp8 e4m3 (its bits moved into a float32's, times 2^120) was slower than
-        Hopper's packed e4m3x2 conversion (2.17 TB/s against 2.53), so fp8 converts."""
+        int8 weights streaming at full bandwidth keep busy; the same trick for fp8 e4m3 measured slower than
+        Hopper's packed e4m3x2 conversion, so fp8 converts (both measured: profiles/gemv-h100.json,
+        scripts/gemv_bench.py)."""
         if INT8_BITS:  # the float with bits 0x4B000080 + w is 2^23 + 128 + w exactly
             return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
         return w.to(tl.float32)
@@ -176,7 +177,7 @@ if triton is not None:
     _gemv_fixed = _even(_gemv_kernel)
     # Few rows and wide tiles: a program must keep enough bytes in flight to cover HBM latency (1-byte
     # weights want twice the columns of bf16 for the same 16-byte loads), and there must be enough programs
-    # (N / BLOCK_N) to fill every SM. On an H100 the first tuning (2-16 rows, 128-1024 columns) always chose
+    # (N / BLOCK_N) to fill every SM. A first tuning (2-16 rows, 128-1024 columns) always chose
     # the widest tile, so the set now reaches 4096 columns. Benchmarked with the L2 flushed.
     _CONFIGS = [
         triton.Config({"BLOCK_N": n, "BLOCK_K": k, "ROW_SUMS": False}, num_warps=w, num_stages=1)
@@ -198,16 +199,9 @@ if triton is not None:
     )(_even(_gemv_kernel))
 
 
-def _pdl(device: torch.device) -> dict:
-    """The launch options of a kernel written for programmatic dependent launch (see `_gemv_kernel`): on
-    Hopper and later, unless RTLOOP_PDL=0."""
-    if device not in _PDL:
-        on = PDL and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
-        _PDL[device] = {"USE_PDL": on, "launch_pdl": True} if on else {"USE_PDL": False}
-    return _PDL[device]
-
-
-_PDL: dict[torch.device, dict] = {}
+def _launch(pdl: bool) -> dict:
+    """The launch options of a kernel written for programmatic dependent launch (see `_gemv_kernel`)."""
+    return {"USE_PDL": True, "launch_pdl": True} if pdl and not INTERPRET else {"USE_PDL": False}
 
 
 def gemv_reference(
@@ -232,10 +226,13 @@ def gemv_reference(
 def gemv(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, gated: bool,
     norm: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+    pdl: bool = False, tile: list[int] | None = None, int8_bits: bool = True,
 ) -> torch.Tensor:
     """x [..., K] holding ONE row, weight [N, K] (bf16/fp16/fp32/int8/fp8), scale [N] or None -> [..., N]
     (gated: [..., N / 2]) in x's dtype. `norm` [K]: RMS-normalise x with that weight and `eps` first (an
     RMSNorm fused in front); `residual` [..., N]: add it to the result (a residual connection fused behind).
+    `pdl`: launch as a programmatic dependent launch (sm90+); `tile` (BLOCK_N, BLOCK_K, num_warps, ROW_SUMS):
+    that tile, None: autotuned; `int8_bits`: see `_widen` (KernelOptions holds all three).
     A torch custom op, so torch.compile keeps it as one opaque call."""
     n_out = weight.shape[0] // 2 if gated else weight.shape[0]
     K = weight.shape[1]
@@ -246,23 +243,23 @@ def gemv(
         unused if residual is None else residual.reshape(n_out), y, n_out, K, eps,
     )
     flags = {"HAS_SCALE": scale is not None, "GATED": gated, "HAS_NORM": norm is not None,
-             "HAS_RESIDUAL": residual is not None, "INT8_BITS": INT8_BITS and weight.dtype == torch.int8}
+             "HAS_RESIDUAL": residual is not None, "INT8_BITS": int8_bits and weight.dtype == torch.int8}
     if INTERPRET:  # no benchmarking without a GPU: one fixed tile, large because each program costs numpy calls
+        row_sums = bool(tile[3]) if tile is not None else False
         _gemv_fixed[(triton.cdiv(n_out, 64),)](*args, **flags, USE_PDL=False, BLOCK_N=64, BLOCK_K=128,
-                                                ROW_SUMS=FIXED_TILE[3])
+                                                ROW_SUMS=row_sums)
         return y
-    pdl = _pdl(x.device)
-    if not AUTOTUNE:
-        block_n, block_k, warps, row_sums = FIXED_TILE
-        _gemv_fixed[(triton.cdiv(n_out, block_n),)](*args, **flags, **pdl, BLOCK_N=block_n, BLOCK_K=block_k,
-                                                     ROW_SUMS=row_sums, num_warps=warps)
+    if tile is not None:
+        block_n, block_k, warps, row_sums = tile
+        _gemv_fixed[(triton.cdiv(n_out, block_n),)](*args, **flags, **_launch(pdl), BLOCK_N=block_n,
+                                                     BLOCK_K=block_k, ROW_SUMS=bool(row_sums), num_warps=warps)
     else:
-        _gemv_tuned[lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]),)](*args, **flags, **pdl)
+        _gemv_tuned[lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]),)](*args, **flags, **_launch(pdl))
     return y
 
 
 @gemv.register_fake
-def _(x, weight, scale, gated, norm=None, eps=0.0, residual=None):
+def _(x, weight, scale, gated, norm=None, eps=0.0, residual=None, pdl=False, tile=None, int8_bits=True):
     n_out = weight.shape[0] // 2 if gated else weight.shape[0]
     return x.new_empty(*x.shape[:-1], n_out)
 
@@ -361,7 +358,7 @@ def _arrivals(device: torch.device, n_heads: int) -> torch.Tensor:
 @torch.library.custom_op("rtloop::decode_attention", mutates_args=("k_cache", "v_cache"))
 def decode_attention(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, pdl: bool = False,
 ) -> torch.Tensor:
     """One decode token's attention, from the fused projection to the heads' outputs, in one kernel:
     qkv [1, 1, (H + 2 Hkv) * D] = [q; k; v], the RoPE tables cos/sin [S, D] (rotate_half layout, indexed at
@@ -369,7 +366,7 @@ def decode_attention(
     scaled_dot_product_attention with the causal mask would give; the rotated key and the value are written
     into the caches at input_pos. One program per (head, chunk of ATTENTION_CHUNK keys), each a single load of
     its keys and values; the last of a head combines. For ~300 keys, short and wide beats cuDNN's one long
-    loop (8.5 us a layer on an H100), and RoPE inside saves a launch a layer."""
+    loop, and RoPE inside saves a launch a layer. `pdl`: launched as a programmatic dependent launch."""
     _, n_kv_heads, max_seq_len, D = k_cache.shape
     n_chunks = triton.cdiv(max_seq_len, ATTENTION_CHUNK)
     parts = torch.empty(n_heads, n_chunks, D + 2, device=qkv.device, dtype=torch.float32)
@@ -377,13 +374,13 @@ def decode_attention(
     _decode_attention_kernel[(n_heads, n_chunks)](
         qkv, cos, sin, input_pos, k_cache, v_cache, parts, _arrivals(qkv.device, n_heads), out, max_seq_len,
         D**-0.5, H=n_heads, H_KV=n_kv_heads, D=D, CHUNK=ATTENTION_CHUNK, N_CHUNKS=n_chunks,
-        N_CHUNKS_POW2=triton.next_power_of_2(n_chunks), **({"USE_PDL": False} if INTERPRET else _pdl(qkv.device)),
+        N_CHUNKS_POW2=triton.next_power_of_2(n_chunks), **_launch(pdl),
     )
     return out
 
 
 @decode_attention.register_fake
-def _(qkv, cos, sin, input_pos, k_cache, v_cache, n_heads):
+def _(qkv, cos, sin, input_pos, k_cache, v_cache, n_heads, pdl=False):
     return qkv.new_empty(1, n_heads, 1, k_cache.shape[-1])
 
 
@@ -396,18 +393,22 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     return (y.float() * x_scale * scale.float()).to(x.dtype)
 
 
-def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+               options: KernelOptions | None = None) -> torch.Tensor:
     """x [M, K] float, weight [N, K] float8_e4m3fn, scale [N] -> x @ (weight * scale).T, with x quantised to
     e4m3 with one scale per row (torch._scaled_mm's row-wise scaling: fp8 tensor cores, both scales applied
-    in the GEMM's epilogue). Hopper and the CPU have row-wise scaling; elsewhere (Ada, e.g. the RTX 4090)
-    one scale per tensor, and the weights' scales after."""
-    rowwise = x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (9, 0)
+    in the GEMM's epilogue) where `options.rowwise_fp8` (Hopper, the CPU); else (Ada, e.g. the RTX 4090, or
+    `arch="sm89"`) one scale per tensor, and the weights' scales after. `options`: resolved (None:
+    DEFAULT_OPTIONS for x's device)."""
+    options = DEFAULT_OPTIONS.resolve(x.device) if options is None else options
+    rowwise = options.rowwise_fp8
     x_max = x.abs().amax(dim=-1, keepdim=True) if rowwise else x.abs().amax()
     x_scale = x_max.float().clamp(min=1e-12) / 448.0
     xq = (x.float() / x_scale).to(torch.float8_e4m3fn)
     if rowwise:
         if x.device.type == "cuda":
-            return prefill_fp8_matmul(xq, weight, x_scale, scale.float()[None, :], x.dtype, prefill_split(x.shape[0]))
+            split = prefill_split(x.shape[0]) if options.prefill_split else 0
+            return prefill_fp8_matmul(xq, weight, x_scale, scale.float()[None, :], x.dtype, split, options.autotune)
         return torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale.float()[None, :], out_dtype=x.dtype,
                                 use_fast_accum=True)
     one = torch.ones((), device=x.device, dtype=torch.float32)
@@ -415,19 +416,18 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
     return (y.float() * scale.float()).to(x.dtype)
 
 
-
 def prefill_split(rows: int) -> int:
     """Where a GEMM of `rows` rows could split in two (0: nowhere). cuBLAS tiles the rows by 128, so a
     ~288-row prefill pays a third row of tiles that is three quarters empty; split off onto a side stream,
-    those last rows run on the SMs that the first 256 leave idle. RTLOOP_PREFILL_SPLIT=0 never splits."""
-    if not PREFILL_SPLIT or rows <= 128:
+    those last rows run on the SMs that the first 256 leave idle (KernelOptions.prefill_split=False: never)."""
+    if rows <= 128:
         return 0
     tail = rows % 128
     return rows - tail if 0 < tail <= 64 else 0
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-_SPLIT_CHOICE: dict[tuple, int] = {}  # (shapes, dtypes, device, split) -> that split, or 0: the faster, as timed
+_SPLIT_CHOICE: dict[tuple, int] = {}  # (shapes, dtypes, device, split, tune) -> that split, or 0: the faster, as timed
 
 
 def _scaled_mm(x, weight, x_scale, w_scale, out_dtype, split: int) -> torch.Tensor:
@@ -456,16 +456,15 @@ def _scaled_mm(x, weight, x_scale, w_scale, out_dtype, split: int) -> torch.Tens
 @torch.library.custom_op("rtloop::prefill_fp8_matmul", mutates_args=())
 def prefill_fp8_matmul(
     x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype,
-    split: int,
+    split: int, tune: bool = True,
 ) -> torch.Tensor:
     """The fp8 prefill GEMM on CUDA (`_scaled_mm`), whole or split at row `split` (see `prefill_split`),
-    whichever ran faster when this shape was first seen: cuBLAS's tiles differ by shape and GPU (on an H200
-    the split won 16 us on [q; k; v] and lost 4-27 us on the other three; profiles/prefill-split-h200.json).
-    With RTLOOP_AUTOTUNE=0 it splits wherever `split` says. An op of its own because TorchInductor cannot
+    whichever ran faster when this shape was first seen: cuBLAS's tiles differ by shape and GPU
+    (profiles/prefill-split-h200.json). With tune=False it splits wherever `split` says. An op of its own because TorchInductor cannot
     trace streams: to it this is one opaque call, as cuBLAS's GEMMs are anyway."""
-    key = (tuple(x.shape), tuple(weight.shape), x.dtype, out_dtype, x.device, split)
+    key = (tuple(x.shape), tuple(weight.shape), x.dtype, out_dtype, x.device, split, tune)
     if key not in _SPLIT_CHOICE:
-        if not AUTOTUNE or not split:
+        if not tune or not split:
             _SPLIT_CHOICE[key] = split
         else:  # first seen in a warm-up call (captures replay what the warm-ups chose)
             ms = {s: triton.testing.do_bench(partial(_scaled_mm, x, weight, x_scale, w_scale, out_dtype, s))
@@ -478,9 +477,9 @@ def split_choices() -> list[dict]:
     """Each GEMM shape `prefill_fp8_matmul` could split in this process, and where it did (0: whole), for reports."""
     return [{"rows": x_shape[0], "k": x_shape[1], "n": w_shape[0], "dtype": str(dtype).removeprefix("torch."),
              "split": chosen}
-            for (x_shape, w_shape, dtype, _, _, split), chosen in _SPLIT_CHOICE.items() if split]
+            for (x_shape, w_shape, dtype, _, _, split, _), chosen in _SPLIT_CHOICE.items() if split]
 
 
 @prefill_fp8_matmul.register_fake
-def _(x, weight, x_scale, w_scale, out_dtype, split):
+def _(x, weight, x_scale, w_scale, out_dtype, split, tune=True):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=out_dtype)

@@ -1,90 +1,89 @@
-"""How the Llama's linears run: several matrices that read the same input fused into one, and batch-1 steps
-on a hand-written kernel when the engine asks for it.
+"""The Llama's linear weights: one copy, fused where several matrices read the same input, from load on.
 
 The checkpoint names every matrix (`q_proj`, `k_proj`, `v_proj`, `gate_proj`, `up_proj`, ...), and
-`state_dict()` must keep those names. A `FusedLinear` concatenates the matrices of one input ([q; k; v],
-[gate; up]) and re-points the named modules at slices of the result, so the weights exist once, under their
-own names, and one kernel reads them all. `Llama.fuse_linears` builds them (again, if quantisation replaced
-the named modules); moving the model with `.to()` afterwards would break the aliasing, so fuse on the
-device the model runs on (`setup_caches` does).
+`state_dict()` must keep those names. The model instead holds [q; k; v] as one `Linear` (`qkv_proj`) and
+[gate; up] as another (`gate_up_proj`), built once when the weights load: `fuse_parts` registers the two
+hooks that make the module speak the checkpoint's layout both ways. `state_dict()` gives each part under its
+own name, as a view of the fused matrix (so nothing is copied, and transformers' modules can alias it);
+`load_state_dict()` takes the parts and concatenates them. Nothing re-fuses later: quantisation converts
+the fused matrix in place (`Linear.quantize_`).
 
-With `use_kernels` (the `compiled` engine, CUDA) a one-row input goes to `rtloop.policy.kernels.gemv`, and a
-quantised many-row input (the prefill) to the 8-bit tensor-core matmuls (`kernels.fp8_matmul` may run a
-~288-row GEMM's last rows on a side stream); otherwise plain PyTorch, where
-1-byte weights are widened to the activation dtype first (weight-only quantisation, exact but slow).
+How a `Linear` runs (plain PyTorch, a Triton GEMV, an 8-bit GEMM) is not its business: the engine passes
+the Llama its ops (rtloop.policy.ops).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from rtloop.policy import kernels
+WEIGHT_FORMATS = {torch.int8: "int8", torch.float8_e4m3fn: "fp8"}  # 1-byte dtypes; anything else: "none"
 
 
-class FusedLinear(nn.Module):
-    def __init__(self, parts: list[nn.Module], gated: bool = False, use_kernels: bool = False):
-        """`parts`: bias-free nn.Linear or WeightOnlyLinear modules of one input, all in one format.
-        `gated`: exactly two parts, gate and up; forward returns silu(gate(x)) * up(x)."""
+class Linear(nn.Module):
+    """A bias-free linear layer: `weight` [out, in] in the model's dtype, or (after `quantize_`) in 1 byte
+    with `scale` [out], one scale per output row (weight ~= q * scale[:, None])."""
+
+    def __init__(self, in_features: int, out_features: int):
         super().__init__()
-        scales = [getattr(p, "scale", None) for p in parts]
-        if len(parts) == 1:
-            weight, scale = parts[0].weight, scales[0]
-        else:
-            weight = torch.cat([p.weight for p in parts])
-            scale = None if scales[0] is None else torch.cat(scales)
-            offset = 0
-            for p in parts:  # the named modules become views of the fused matrix: one copy in memory
-                n = p.weight.shape[0]
-                if isinstance(p, nn.Linear):
-                    p.weight = nn.Parameter(weight[offset : offset + n], requires_grad=False)
-                else:
-                    p.weight, p.scale = weight[offset : offset + n], scale[offset : offset + n]
-                offset += n
-        if gated and len(parts) != 2:
-            raise ValueError("a gated FusedLinear takes exactly two parts: gate and up")
-        self.register_buffer("weight", weight, persistent=False)  # not in state_dict: the parts are
-        self.register_buffer("scale", scale, persistent=False)
-        self.gated = gated
-        self.use_kernels = use_kernels
-        self.sources = self._sources(parts)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.scale: torch.Tensor | None
+        self.register_buffer("scale", None)
 
-    @staticmethod
-    def _sources(parts: list[nn.Module]) -> tuple[int, ...]:
-        return tuple(p.weight.data_ptr() for p in parts)
+    @property
+    def format(self) -> str:
+        return WEIGHT_FORMATS.get(self.weight.dtype, "none")
 
-    def is_built_from(self, parts: list[nn.Module]) -> bool:
-        """False once any part has been replaced (quantisation) or re-assigned (load_state_dict assign=True)."""
-        return self._sources(parts) == self.sources
+    @torch.no_grad()
+    def quantize_(self, mode: str) -> None:
+        """Replace the float weight by 1-byte values and per-row scales (rtloop.policy.quant)."""
+        from rtloop.policy.quant import quantize_weight
 
-    def forward(self, x: torch.Tensor, norm: nn.Module | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """`residual + self(norm(x))`, each part optional. `norm` is an RMSNorm (`weight`, `eps`): on the
-        kernel path both run inside the GEMV, which saves two kernels per norm in every decode step."""
-        if self.use_kernels and x.shape[:-1].numel() == 1:
-            norm_weight, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
-            return kernels.gemv(x, self.weight, self.scale, self.gated, norm_weight, eps, residual)
-        if norm is not None:
-            x = norm(x)
-        if self.scale is None:
-            y = F.linear(x, self.weight)
-        elif self.use_kernels and self._fits_8bit_gemm(x):
-            y = self._quantised_matmul(x)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scale
-        if self.gated:
-            gate, up = y.chunk(2, dim=-1)
-            y = F.silu(gate) * up
-        return y if residual is None else residual + y
+        q, scale = quantize_weight(self.weight, mode)
+        del self.weight  # the parameter; the buffer below replaces it
+        self.register_buffer("weight", q)
+        self.scale = scale
 
-    def _fits_8bit_gemm(self, x: torch.Tensor) -> bool:
-        """cuBLAS's 8-bit GEMMs take only aligned shapes (7B's always are; the tiny test model's are not)."""
-        M, (N, K) = x.shape[:-1].numel(), self.weight.shape
-        if self.weight.dtype == torch.int8:
-            return M > 16 and K % 8 == 0 and N % 8 == 0
-        return M % 16 == 0 and K % 16 == 0 and N % 16 == 0
 
-    def _quantised_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        matmul = kernels.int8_matmul if self.weight.dtype == torch.int8 else kernels.fp8_matmul
-        y = matmul(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
-        return y.view(*x.shape[:-1], -1)
+def fuse_parts(module: nn.Module, fused: str, parts: dict[str, int]) -> None:
+    """`module.<fused>` (a Linear) holds the checkpoint's `parts` (name -> rows, in order) stacked: let
+    state_dict() split it into `<part>.weight` (and `.scale`) views, and load_state_dict() fuse them."""
+    module.fused_parts = (fused, parts)
+    module.register_state_dict_post_hook(_split_hook)
+    module.register_load_state_dict_pre_hook(_fuse_hook)
+
+
+def _split_hook(module, destination, prefix, local_metadata):
+    fused, parts = module.fused_parts
+    found = {f"{prefix}{fused}.{suffix}": suffix for suffix in ("weight", "scale")}
+    if not any(k in destination for k in found):
+        return
+    items = list(destination.items())  # rebuilt in order: the parts stand where the fused tensor stood
+    destination.clear()
+    for key, tensor in items:
+        if key not in found:
+            destination[key] = tensor
+            continue
+        for name, piece in zip(parts, tensor.split(list(parts.values()))):
+            destination[f"{prefix}{name}.{found[key]}"] = piece
+
+
+def _fuse_hook(module, state_dict, prefix, *args):
+    fuse_state_dict_(state_dict, prefix, *module.fused_parts)
+
+
+def fuse_state_dict_(state: dict, prefix: str, fused: str, parts: dict[str, int]) -> None:
+    """In `state`, replace the parts' tensors under `prefix` by their concatenation (a no-op where the
+    parts are absent). Pops each part as it goes, so the caller's dict stops holding it."""
+    for suffix in ("weight", "scale"):
+        keys = [f"{prefix}{name}.{suffix}" for name in parts]
+        if all(k in state for k in keys):
+            state[f"{prefix}{fused}.{suffix}"] = torch.cat([state.pop(k) for k in keys])
+
+
+def fuse_checkpoint_state_(model: nn.Module, state: dict) -> None:
+    """Fuse a whole model's checkpoint `state` in place, one module at a time (the loader calls this before
+    load_state_dict, so the unfused and the fused copies of a matrix coexist for one module at most)."""
+    for name, module in model.named_modules():
+        if hasattr(module, "fused_parts"):
+            fuse_state_dict_(state, f"{name}." if name else "", *module.fused_parts)

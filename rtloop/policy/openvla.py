@@ -4,6 +4,16 @@
     out = policy.act(obs["agentview_image"], "pick up the alphabet soup and place it in the basket")
     env.step(out.action)   # LIBERO's gripper convention (-1 open); out.raw_action is the model's (+1 open)
 
+    policy = OpenVLAPolicy(..., max_batch=8)           # a fleet: one batched call for several envs' frames
+    outs = policy.act_batch(frames, instructions)      # one PolicyOutput per frame
+
+Two calls, two gripper conventions:
+- `predict_action(image, instruction)` is the official function: a prepared image (numpy or PIL) in, the
+  model's own 7-vector out, gripper 0..1 with +1 = OPEN. LIBERO reads that as "close": map it with
+  `rtloop.policy.actions.libero_gripper` before `env.step`.
+- `act(frame, instruction)` is the LIBERO eval's step: the raw camera frame in (rotated, JPEG round trip,
+  resized, centre-cropped here), `PolicyOutput.action` out in LIBERO's convention, -1 = OPEN, +1 = close.
+
 Stages (rtloop.policy.base.STAGES), each a `timed_stage` so profilers see the same names:
 - processor: LIBERO image path (act only), prompt, tokens, pixel_values including host->device (graphed
   engines take the uint8 image and do that inside their graph, so for them this is the prompt only)
@@ -14,17 +24,22 @@ Stages (rtloop.policy.base.STAGES), each a `timed_stage` so profilers see the sa
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from rtloop.policy.actions import ActionDetokenizer, default_unnorm_key, libero_gripper, resolve_unnorm_key
+from rtloop.errors import ActionError, InputError
+from rtloop.policy.actions import ActionDetokenizer, libero_gripper, resolve_unnorm_key
 from rtloop.policy.base import PolicyOutput
+from rtloop.policy.cuda_wait import set_cuda_wait
 from rtloop.policy.guards import Guards
 from rtloop.policy.model import OpenVLA
 from rtloop.policy.processor import (
     PROMPT_TEMPLATE,
+    as_array,
     build_prompt,
     check_image,
     check_prompt_template,
@@ -35,6 +50,10 @@ from rtloop.policy.processor import (
 from rtloop.policy.tokenizer import load_tokenizer
 from rtloop.timing import timed_stage
 from rtloop.sim.base import Observation
+
+log = logging.getLogger("rtloop")
+
+MAX_CACHED_PROMPTS = 64  # tokenized prompts kept per policy (a fleet's envs each have one)
 
 
 class OpenVLAPolicy:
@@ -48,42 +67,57 @@ class OpenVLAPolicy:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         engine: str = "eager",
-        center_crop: bool = False,
+        center_crop: bool = True,
         prompt_template: str | None = None,
         rotate: bool = True,
         model: OpenVLA | None = None,
+        cuda_wait: str = "blocking",
+        max_batch: int = 1,
+        kernel_options=None,
     ):
         """`suite` is the LIBERO suite being run (None: not LIBERO); it picks the default unnorm_key
-        (`<suite>` or `<suite>_no_noops`). `prompt_template` and `rotate=False` exist to study failures.
+        (`<suite>` or `<suite>_no_noops`). `center_crop` (default on, as the official LIBERO eval) applies to
+        `act`'s frame preparation. `prompt_template` and `rotate=False` exist to study failures.
         `model`: an OpenVLA already on `device` (e.g. random 7B weights built in GPU memory); the checkpoint
-        directory then only supplies the tokenizer, and the config comes from the model."""
-        from rtloop.policy.checkpoint import load_checkpoint
+        directory then only supplies the tokenizer, and the config comes from the model. `cuda_wait`: how the
+        host waits for the GPU, "blocking" (sleeps) or "spin" (rtloop.policy.cuda_wait). `max_batch`: the
+        most frames `predict_action_batch` takes at once (a bucket: 1, 2, 4, 8, 16, 32); `kernel_options`:
+        the compiled engine's rtloop.policy.kernels.KernelOptions."""
+        from rtloop.policy.checkpoint import check_checkpoint_dir, load_checkpoint
+        from rtloop.policy.config import OpenVLAConfig
         from rtloop.policy.engines import build_engine
 
         self.device = torch.device(device)
+        # before the first CUDA call makes the context (rtloop.policy.cuda_wait says why)
+        if self.device.type == "cuda" and (took := set_cuda_wait(cuda_wait)) != cuda_wait:
+            log.warning("rtloop: the GPU waits as CUDA chose, not %r: %s", cuda_wait, took)
         if model is None:
-            loaded = load_checkpoint(checkpoint_dir, self.device, dtype)
-            self.config, self.model = loaded.config, loaded.model
+            check_checkpoint_dir(checkpoint_dir)
+            self.config = OpenVLAConfig.from_dir(checkpoint_dir)
         else:
-            self.config, self.model = model.config, model
-        self.dtype = next(self.model.parameters()).dtype
+            self.config = model.config
         self.tokenizer = load_tokenizer(checkpoint_dir)
         self.suite = suite
         self.center_crop = center_crop
         self.rotate = rotate
         self.prompt_template = PROMPT_TEMPLATE if prompt_template is None else check_prompt_template(prompt_template)
-        self.guards = Guards()
+        self.guards = Guards()  # the checks of the configuration, and of the frames of stream 0
         self.guards.check_rotation(rotate)
+        self._stream_guards: dict[int, Guards] = {0: self.guards}  # per stream of frames (an env of a fleet)
 
-        norm_stats = self.config.norm_stats
-        if unnorm_key is None and suite is not None:
-            unnorm_key = default_unnorm_key(norm_stats, suite)
-        self.unnorm_key = resolve_unnorm_key(norm_stats, unnorm_key)
+        # the statistics are checked before the weights load: a wrong key fails in a moment, not after minutes
+        self.unnorm_key = resolve_unnorm_key(self.config.norm_stats, unnorm_key, suite)
         self._detokenizers: dict[str, ActionDetokenizer] = {}
-        self._detokenizer(self.unnorm_key)  # fail at construction, not at the first action
-        self.engine = build_engine(engine, self.model)
+        self._detokenizer(self.unnorm_key)
+        if model is None:
+            loaded = load_checkpoint(checkpoint_dir, self.device, dtype)
+            self.config, self.model = loaded.config, loaded.model
+        else:
+            self.model = model
+        self.dtype = next(self.model.parameters()).dtype
+        self.engine = build_engine(engine, self.model, max_batch=max_batch, kernel_options=kernel_options)
         self._sync = torch.cuda.synchronize if self.device.type == "cuda" else None
-        self._prompt_ids: tuple[str, torch.Tensor] | None = None  # the last prompt, tokenized, where it is used
+        self._prompt_ids: dict[tuple[str, torch.device], torch.Tensor] = {}  # prompts tokenized, where used
 
         generated = self.config.generated or {}  # set by `rtloop checkpoint make`, absent in real checkpoints
         self._checkpoint_label = f"openvla {Path(checkpoint_dir).name} ({checkpoint_dir})"
@@ -102,53 +136,122 @@ class OpenVLAPolicy:
             self.guards.check_unnorm_key(key, self.config.norm_stats[key], self.suite)
             self._detokenizers[key] = ActionDetokenizer(
                 self.config.llm.vocab_size, self.config.pad_to_multiple_of, self.config.n_action_bins,
-                self.config.norm_stats[key],
+                self.config.norm_stats[key], where=f"{self.config.norm_stats_file}, key {key!r}",
             )
         return self._detokenizers[key]
 
     def _input_ids(self, prompt: str, device: torch.device) -> torch.Tensor:
-        if self._prompt_ids is None or self._prompt_ids[0] != prompt or self._prompt_ids[1].device != device:
-            self._prompt_ids = (prompt, tokenize_prompt(self.tokenizer, prompt).to(device))
-        return self._prompt_ids[1]
+        """The same tensor for the same prompt (graphed engines stage a prompt once, then recognise it)."""
+        key = (prompt, device)
+        if key not in self._prompt_ids:
+            if len(self._prompt_ids) >= MAX_CACHED_PROMPTS:
+                self._prompt_ids.clear()
+            self._prompt_ids[key] = tokenize_prompt(self.tokenizer, prompt).to(device)
+        return self._prompt_ids[key]
+
+    def _guards(self, stream: int) -> Guards:
+        if stream not in self._stream_guards:
+            self._stream_guards[stream] = Guards()
+        return self._stream_guards[stream]
 
     def predict_action(
         self,
-        image: np.ndarray,
+        image: np.ndarray | Image.Image,
         instruction: str,
         unnorm_key: str | None = None,
         timings: dict[str, float] | None = None,
     ) -> tuple[np.ndarray, dict[str, float]]:
-        """A 224x224x3 uint8 image (already through the LIBERO path, if any) -> (unnormalised 7-vector,
-        seconds per stage). Stage times add to `timings` when one is passed."""
+        """The official `predict_action`: an RGB image (HxWx3 uint8 numpy, or a PIL image as the chapter
+        passes one; 224x224 already through the LIBERO path for LIBERO, other sizes are resized naively) ->
+        (unnormalised 7-vector, seconds per stage). The action is the MODEL's: gripper 0..1, +1 = open.
+        LIBERO wants -1 = open: use `act`, or `libero_gripper(action)`, before `env.step`. Stage times add
+        to `timings` when one is passed."""
+        actions, timings = self.predict_action_batch([image], [instruction], unnorm_key, timings)
+        return actions[0], timings
+
+    def predict_action_batch(
+        self,
+        images: list[np.ndarray],
+        instructions: list[str],
+        unnorm_key: str | None = None,
+        timings: dict[str, float] | None = None,
+        streams: list[int] | None = None,
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """B frames in one call, each with its own image (as for predict_action) and instruction ->
+        (unnormalised actions [B, 7], seconds per stage of the whole batch). `streams`: which stream of
+        frames (e.g. which env) each frame belongs to, for the detectors that compare a frame with the one
+        before it (default: frame b is stream b)."""
+        B = len(images)
+        if B != len(instructions) or (streams is not None and len(streams) != B):
+            raise InputError(f"{B} images for {len(instructions)} instructions"
+                             + ("" if streams is None else f" and {len(streams)} streams"))
+        if not 1 <= B <= self.engine.max_batch:
+            raise InputError(f"a batch of {B} frames; this policy takes 1 to {self.engine.max_batch} (max_batch)")
         timings = {} if timings is None else timings
+        images = [as_array(image) for image in images]
         key = self.unnorm_key if unnorm_key is None else resolve_unnorm_key(self.config.norm_stats, unnorm_key)
         detokenize = self._detokenizer(key)
         engine = self.engine
-        # graphed engines take the image and the ids on the host: their graph copies and normalises
-        on_host = getattr(engine, "takes_host_inputs", False) and check_image(image).shape == engine.image_shape
+        guards = [self._guards(b if streams is None else streams[b]) for b in range(B)]
+        # graphed engines take the images and the ids on the host: their graph copies and normalises
+        on_host = getattr(engine, "takes_host_inputs", False) and all(
+            check_image(image).shape == engine.image_shape for image in images)
         with timed_stage("processor", timings, None if on_host else self._sync):
-            prompt = build_prompt(instruction, self.prompt_template)
-            input_ids = self._input_ids(prompt, torch.device("cpu") if on_host else self.device)
-            pixels = image if on_host else pixel_values(image, self.device, self.dtype)
+            prompts = [build_prompt(instruction, self.prompt_template) for instruction in instructions]
+            ids = [self._input_ids(p, torch.device("cpu") if on_host else self.device) for p in prompts]
+            if on_host:
+                pixels = images
+            else:
+                pixels = torch.cat([pixel_values(image, self.device, self.dtype) for image in images])
         with timed_stage("generate", timings, self._sync):
-            tokens = engine.generate(pixels, input_ids)
+            tokens = engine.generate_batch(pixels, ids)
             # the input checks need nothing from the device: on a GPU they run while it generates
-            self.guards.check_frame(image)
-            self.guards.check_prompt(prompt)
+            for g, image, prompt in zip(guards, images, prompts):
+                g.check_frame(image)
+                g.check_prompt(prompt)
         with timed_stage("detokenize", timings):
-            action = detokenize(tokens.cpu().numpy())
-            self.guards.check_action(action)
-        return action, timings
+            try:
+                actions = np.stack([detokenize(t) for t in tokens.cpu().numpy()])
+            except ActionError:
+                self._check_logits_finite(pixels, ids)
+                raise
+            for g, action in zip(guards, actions):
+                g.check_action(action)
+        return actions, timings
 
-    def act(self, obs: Observation | np.ndarray, instruction: str) -> PolicyOutput:
-        """A raw LIBERO frame (or an Observation holding one) -> LIBERO-ready action: `action` has LIBERO's
-        gripper convention (-1 open, +1 close), `raw_action` the model's (+1 open)."""
-        frame = obs.image if isinstance(obs, Observation) else obs
+    def _check_logits_finite(self, pixels, ids: list[torch.Tensor]) -> None:
+        """After a non-action token: NaN or inf logits (NaN weights, an overflow) make argmax return token
+        0, whose "not an action token" would send the user after the prompt or the vocabulary. The same
+        call again, with its logits, tells the two apart; it runs only on this error path."""
+        _, logits = self.engine.generate_batch_with_logits(pixels, ids)
+        if not torch.isfinite(logits).all():
+            raise ActionError("the model's logits are not finite (NaN or inf): the weights hold NaN/inf or the "
+                              f"activations overflow in {self.dtype} (check the checkpoint's weights)")
+
+    def act(self, obs: Observation | np.ndarray | Image.Image, instruction: str) -> PolicyOutput:
+        """A raw LIBERO frame as the sim returns it (upside down; numpy, PIL, or an Observation holding one)
+        -> LIBERO-ready action: `action` has LIBERO's gripper convention (-1 = open, +1 = close), ready for
+        `env.step`; `raw_action` is predict_action's, the model's (+1 = open)."""
+        frame = as_array(obs.image if isinstance(obs, Observation) else obs)
         timings: dict[str, float] = {}
         with timed_stage("processor", timings):
             image = prepare_libero_image(frame, center_crop=self.center_crop, rotate=self.rotate)
         raw, timings = self.predict_action(image, instruction, timings=timings)
         return PolicyOutput(action=libero_gripper(raw), raw_action=raw, timings=timings, alerts=self.guards.drain())
+
+    def act_batch(self, observations: list, instructions: list[str],
+                  streams: list[int] | None = None) -> list[PolicyOutput]:
+        """Raw LIBERO frames (or Observations holding them), one instruction each -> one LIBERO-ready
+        PolicyOutput per frame (as `act`), from one batched call. The timings are the batch's, in every
+        output; each output's alerts are its stream's (`streams`, as for predict_action_batch)."""
+        frames = [as_array(o.image if isinstance(o, Observation) else o) for o in observations]
+        timings: dict[str, float] = {}
+        with timed_stage("processor", timings):
+            images = [prepare_libero_image(f, center_crop=self.center_crop, rotate=self.rotate) for f in frames]
+        raws, timings = self.predict_action_batch(images, instructions, timings=timings, streams=streams)
+        streams = list(range(len(raws))) if streams is None else streams
+        return [PolicyOutput(action=libero_gripper(raw), raw_action=raw, timings=dict(timings),
+                             alerts=self._guards(stream).drain()) for raw, stream in zip(raws, streams)]
 
     def warmup(self, obs: Observation | np.ndarray, instruction: str) -> None:
         """Two full passes: the first allocates (KV cache, kernels), the second runs what steady state runs

@@ -2,9 +2,10 @@
 
 Two image steps, kept apart because they belong to different owners:
 - `prepare_libero_image`: what the official LIBERO eval does to a camera frame before the model sees it
-  (180° rotation, JPEG round trip, Lanczos resize to 224, optional 90%-area centre crop). It makes the sim
+  (180° rotation, JPEG round trip, Lanczos resize to 224, 90%-area centre crop unless turned off). It makes the sim
   frame look like the training data; other robots would do something else here.
-- `pixel_values`: what the model's own processor does (resize-naive to 224, per-backbone normalisation),
+- `pixel_values`: what the model's own processor does (`image_resize_strategy` "resize-naive" to 224, the
+  only strategy OpenVLA's checkpoints use and the only one rtloop implements; per-backbone normalisation),
   in torch on the model's device.
 """
 
@@ -57,9 +58,15 @@ def tokenize_prompt(tokenizer, prompt: str) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long)
 
 
+def as_array(image: np.ndarray | Image.Image) -> np.ndarray:
+    """A PIL image (the chapter passes one, as the official processor takes it) -> HxWx3 uint8 RGB, converted
+    as that processor does (`convert("RGB")`); anything else is returned as it is, for check_image to judge."""
+    return np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else image
+
+
 def check_image(image: np.ndarray, what: str = "image") -> np.ndarray:
     if not isinstance(image, np.ndarray):
-        raise InputError(f"{what} must be a numpy array, got {type(image).__name__}")
+        raise InputError(f"{what} must be a numpy array or a PIL image, got {type(image).__name__}")
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
         raise InputError(f"{what} must be HxWx3 (RGB), got shape {image.shape}")
     if image.dtype != np.uint8:
@@ -67,9 +74,11 @@ def check_image(image: np.ndarray, what: str = "image") -> np.ndarray:
     return image
 
 
-def prepare_libero_image(frame: np.ndarray, center_crop: bool = False, rotate: bool = True) -> np.ndarray:
+def prepare_libero_image(frame: np.ndarray, center_crop: bool = True, rotate: bool = True) -> np.ndarray:
     """A LIBERO agentview frame (HxWx3 uint8, 256x256 in the official eval) -> the 224x224x3 uint8 image
-    the fine-tuned OpenVLA expects. `rotate=False` exists only to study the upside-down failure."""
+    the fine-tuned OpenVLA expects. The centre crop is on by default, as in the official eval
+    (`center_crop=True`: its LIBERO checkpoints were fine-tuned with random-crop augmentation); off only for
+    models trained without it. `rotate=False` exists only to study the upside-down failure."""
     check_image(frame, "frame")
     img = frame[::-1, ::-1] if rotate else frame  # MuJoCo renders upside down and mirrored
     img = jpeg_round_trip(np.ascontiguousarray(img))
@@ -127,12 +136,14 @@ def pixel_values(image: np.ndarray, device: torch.device | str, dtype: torch.dty
 
 
 def normalise(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """RGB [3, H, W] with values 0..255 (any dtype) -> [1, 6, H, W] of `dtype`: DINOv2's normalisation, then
-    SigLIP's. One broadcast multiply-add on x's device. Graphed engines run it inside their CUDA graph."""
+    """RGB [3, H, W] or a batch [B, 3, H, W] with values 0..255 (any dtype) -> [B, 6, H, W] of `dtype`
+    (B = 1 for one image): DINOv2's normalisation, then SigLIP's. One broadcast multiply-add on x's device.
+    Graphed engines run it inside their CUDA graph."""
     scale, shift = _normalisation(x.device)
-    H, W = x.shape[-2:]
-    out = torch.empty(1, 6, H, W, device=x.device, dtype=dtype) if out is None else out
-    torch.addcmul(shift, x[None, None], scale, out=out.view(1, 2, 3, H, W))  # (x / 255 - mean) / std
+    x = x if x.dim() == 4 else x[None]
+    B, _, H, W = x.shape
+    out = torch.empty(B, 6, H, W, device=x.device, dtype=dtype) if out is None else out
+    torch.addcmul(shift, x[:, None], scale, out=out.view(B, 2, 3, H, W))  # (x / 255 - mean) / std
     return out
 
 

@@ -26,9 +26,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(3, args.width, kernel_size=args.patch, stride=args.patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, N, width]: the stride-p convolution as the matmul it is. cuDNN ran the
-        convolution in ~65 us on an H100 (a layout change, then a 3-channel implicit GEMM); unfolded into
-        [B, N, C p p] rows it is one copy and one small GEMM."""
+        """[B, C, H, W] -> [B, N, width]: the stride-p convolution as the matmul it is. cuDNN runs the
+        convolution as a layout change, then a 3-channel implicit GEMM (slower, as measured: README,
+        "Performance"); unfolded into [B, N, C p p] rows it is one copy and one small GEMM."""
         B, C, H, W = x.shape
         p = self.patch
         patches = x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import anyio
 import numpy as np
@@ -44,7 +45,6 @@ class LoopConfig:
     max_steps: int | None = None  # cap on policy steps per episode (None: the env's horizon)
     sync: bool = False  # the blocking baseline: the sim waits for the model every tick
     max_action_age: float | None = 1.0  # seconds; past it the sim applies the stop action (None: never)
-    env_index: int = 0  # which env of a fleet the records come from
 
     def steps_limit(self, horizon: int) -> int:
         return horizon if self.max_steps is None else min(horizon, self.max_steps)
@@ -55,8 +55,13 @@ class Action:
     value: np.ndarray  # env-ready 7-vector
     seq: int  # the inference that produced it
     frame_time: float  # capture time of the frame it was computed from
-    frame_seq: int  # that frame's step index (a chunk's first action is meant for the step after it)
+    frame_seq: int | None = None  # that frame's step index (a chunk's first action is meant for the step after it)
     chunk: np.ndarray | None = None  # [H, 7] when the policy returned a chunk
+
+
+# consumer(episode, mailbox): what takes the sim's frames during an episode (the inference task, or a fleet
+# worker's link to the fleet's one inference task, which hands actions back through Runtime.offer)
+FrameConsumer = Callable[[int, LatestFrameMailbox], Awaitable[None]]
 
 
 @dataclass
@@ -174,15 +179,18 @@ class Runtime:
         sinks: Sink,
         config: LoopConfig,
         keep_frames: bool = False,
+        env_index: int = 0,
         clock=WALL,
         latency=None,
         new_selector=ActionSelector,
     ) -> None:
-        """clock: rtloop.clock.WALL, a VirtualClock, or any object with now() and async sleep_until(t).
-        latency: on a VirtualClock, the latency model (an object with `sample(index) -> seconds` and
-        `label`; `measures_policy = True` charges each call its own wall time); unused on the wall clock.
+        """env_index: stamped on every record (which env of a fleet, rtloop.fleet).
+        clock: rtloop.clock.WALL, a VirtualClock, or any object with now() and async sleep_until(t).
+        latency: on a VirtualClock, the latency model (rtloop.runtime.latency: `sample(index, measured_s)`
+        -> seconds, `label`); unused on the wall clock, where rtloop.runtime.slow pads the calls instead.
         new_selector(max_age) -> the episode's action selector."""
         self.env = env
+        self.env_index = env_index
         self.policy = policy
         self.sim_thread = sim_thread
         self.policy_thread = policy_thread
@@ -197,14 +205,21 @@ class Runtime:
         self.inference_seq = 0  # counts across the run
         self.dropped_before = 0  # frames dropped in earlier episodes
         self.stale_alerted = False
+        self._episode: EpisodeState | None = None  # the episode in progress
         self.frames: list[np.ndarray] | None = [] if keep_frames else None  # for --video, raw sim frames
 
     # --- episodes ------------------------------------------------------------------------------------
 
-    async def run_episode(self, episode: int) -> EpisodeRecord:
+    async def run_episode(self, episode: int, mailbox: LatestFrameMailbox | None = None,
+                          consumer: FrameConsumer | None = None) -> EpisodeRecord:
+        """One episode. The sim task puts its frames into `mailbox` and `consumer(episode, mailbox)` runs
+        beside it until the episode ends: by default the inference task here; in a fleet's env worker
+        (rtloop.fleet.worker) the link that ships frames to the fleet's one inference task, whose actions
+        come back through `offer`."""
         t_start = self.clock.now()
         ep = EpisodeState(episode, self.new_selector(None if self.config.sync else self.config.max_action_age),
-                          Pacer(self.clock, self.config.rate))
+                          Pacer(self.clock, self.config.rate), mailbox if mailbox is not None else LatestFrameMailbox())
+        self._episode = ep
         try:
             first = await self._sim_call(self.env.reset, episode)
             if self.frames is not None:
@@ -216,7 +231,10 @@ class Runtime:
                 await self._virtual_loop(ep)
             else:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._inference_task, ep)
+                    if consumer is None:
+                        tg.start_soon(self._inference_task, ep)
+                    else:
+                        tg.start_soon(consumer, episode, ep.mailbox)
                     await self._sim_task(ep)
                     tg.cancel_scope.cancel()  # the episode is over: stop the model
         except anyio.get_cancelled_exc_class():
@@ -237,7 +255,13 @@ class Runtime:
             return self._last_episode  # a policy or sim failure ends this episode, not the run
         finally:
             self.dropped_before += ep.mailbox.dropped
+            self._episode = None
         return self._end_episode(ep, t_start, None)
+
+    def offer(self, action: Action) -> None:
+        """An action computed elsewhere (a fleet's inference task) for the episode in progress."""
+        if self._episode is not None:
+            self._episode.selector.offer(action)
 
     def _end_episode(self, ep: EpisodeState, t_start: float, error: str | None) -> EpisodeRecord:
         rec = EpisodeRecord(episode=ep.episode, suite=self.env.suite, task_id=self.env.task_id, t_start=t_start,
@@ -247,7 +271,7 @@ class Runtime:
         return rec
 
     def _emit(self, record) -> None:
-        record.env = self.config.env_index
+        record.env = self.env_index
         self.sinks.on_record(record)
 
     # --- the three ways actions reach the selector ----------------------------------------------------
@@ -315,10 +339,9 @@ class Runtime:
                 return
 
     def _latency(self, wall_s: float) -> float:
-        """This inference's latency on the virtual clock (the index is the inference's number in the run)."""
-        if getattr(self.latency, "measures_policy", False):
-            return wall_s
-        return float(self.latency.sample(self.inference_seq - 1))
+        """This inference's latency on the virtual clock: the model's sample for the inference's number in the
+        run (the measured model answers the call's own wall time)."""
+        return float(self.latency.sample(self.inference_seq - 1, measured_s=wall_s))
 
     # --- shared by all three -------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ class TickRecord:
     frames_dropped_total: int  # frames overwritten unread in the mailbox so far this run
     done: bool
     success: bool
-    env: int = 0
+    env: int = 0  # which env of a fleet (`rtloop run --envs N`): 0..N-1; 0 for a single env
     kind: str = "tick"
 
 
@@ -62,6 +62,8 @@ class InferenceRecord:
     stages: dict[str, float] = field(default_factory=dict)  # processor / generate / detokenize, wall seconds
     action: list[float] = field(default_factory=list)
     env: int = 0
+    batch_size: int = 1  # frames in the batch this inference was part of (one policy call)
+    batch_index: int = 0  # this frame's place in that batch: 0 for the first, so a batch is counted once
     kind: str = "inference"
 
 

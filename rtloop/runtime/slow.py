@@ -1,7 +1,13 @@
-"""A policy wrapper that adds latency, to make real-time effects visible (held actions, dropped frames).
+"""A policy wrapper that gives every inference a latency from a LatencyModel, on the wall clock.
 
 Like the injected-delay studies of real-time chunking and LeRobot's async inference: the model is the
-same, it just answers later. How the delay is spent is a knob for the GIL study:
+same, it just answers later. The model's sample is the inference's total latency: the wrapper pads the
+call up to it (sleeps the sample minus what the call already took), so `--inject-delay 0.1` means the
+same 100 ms on the wall clock as on the virtual clock, and a profile recorded on a GPU is replayed as that
+GPU's latency, whatever this machine takes. A call slower than its sample is not shortened (the padding is
+0; `injected_delay` in the timings records the padding actually spent).
+
+How the padding is spent is a knob for the GIL study:
 - sleep: no CPU, GIL released (like waiting for a GPU);
 - spin-gil: a pure-Python busy loop, GIL held (like a CPU-bound Python policy);
 - spin-nogil: the same CPU burnt in hashlib, which releases the GIL on large buffers (like native code).
@@ -14,6 +20,7 @@ import threading
 
 from rtloop import clock
 from rtloop.policy.base import Policy, PolicyOutput
+from rtloop.runtime.latency import LatencyModel
 from rtloop.sim.base import Observation
 
 
@@ -21,13 +28,19 @@ MODES = ("sleep", "spin-gil", "spin-nogil")
 _BURN = bytes(1 << 16)  # hashing 64 KiB takes ~0.1 ms with the GIL released
 
 
+def sleep(closed: threading.Event, seconds: float) -> None:
+    """Sleep, unless the policy is closed meanwhile (then return at once)."""
+    closed.wait(seconds)
+
+
 class SlowPolicy:
-    def __init__(self, inner: Policy, delay_s: float, mode: str = "sleep") -> None:
+    def __init__(self, inner: Policy, latency: LatencyModel, mode: str = "sleep") -> None:
         assert mode in MODES
         self.inner = inner
-        self.delay_s = delay_s
+        self.latency = latency
         self.mode = mode
-        self.label = f"{inner.label} + {delay_s * 1000:.0f} ms injected delay ({mode})"
+        self.calls = 0  # the index of the next latency sample
+        self.label = f"{inner.label}, latency padded to {latency.label} ({mode})"
         self._closed = threading.Event()  # close() cuts a delay in flight short: a run's exit never waits it out
 
     @property
@@ -35,15 +48,19 @@ class SlowPolicy:
         return self.inner.needs_images
 
     def act(self, obs: Observation, instruction: str) -> PolicyOutput:
+        t_call = clock.now()
         out = self.inner.act(obs, instruction)
         t0 = clock.now()
+        target = self.latency.sample(self.calls, measured_s=t0 - t_call)
+        self.calls += 1
+        until = t_call + target
         if self.mode == "sleep":
-            self._closed.wait(self.delay_s)
+            sleep(self._closed, max(0.0, until - t0))
         elif self.mode == "spin-gil":
-            while clock.now() - t0 < self.delay_s and not self._closed.is_set():
+            while clock.now() < until and not self._closed.is_set():
                 pass
         else:
-            while clock.now() - t0 < self.delay_s and not self._closed.is_set():
+            while clock.now() < until and not self._closed.is_set():
                 hashlib.sha256(_BURN).digest()
         out.timings["injected_delay"] = clock.now() - t0
         return out

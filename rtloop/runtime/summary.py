@@ -48,14 +48,56 @@ def percentiles(values: list[float]) -> dict | None:
 
 
 def _rate(records: list[dict], key: str) -> float | None:
-    """Events per second, per episode span, pooled over episodes."""
+    """Events per second, per episode span (of one env), pooled over episodes and envs."""
     count, span = 0, 0.0
-    for ep in sorted({r["episode"] for r in records}):
-        times = sorted(r[key] for r in records if r["episode"] == ep)
+    groups: dict[tuple, list[float]] = {}
+    for r in records:
+        groups.setdefault((r.get("env", 0), r["episode"]), []).append(r[key])
+    for times in groups.values():
         if len(times) > 1:
             count += len(times) - 1
-            span += times[-1] - times[0]
+            span += max(times) - min(times)
     return count / span if span > 0 else None
+
+
+def frames_dropped(ticks: list[dict]) -> int:
+    """Total frames dropped: each env's running count summed over envs. A count that falls starts again
+    from 0 (a fleet's env whose worker was replaced)."""
+    total, last = 0, {}
+    for r in ticks:
+        env, value = r.get("env", 0), r["frames_dropped_total"]
+        before = last.get(env, 0)
+        total += value - before if value >= before else value
+        last[env] = value
+    return total
+
+
+def fleet_figures(ticks: list[dict], infs: list[dict]) -> dict:
+    """Per env: ticks, sim Hz, fresh fraction, action age, drops. For the fleet: how many frames went into
+    each policy call (batch sizes), frames and batches per second."""
+    per_env = {}
+    for env in sorted({r.get("env", 0) for r in ticks}):
+        mine = [r for r in ticks if r.get("env", 0) == env]
+        sources = [r["action_source"] for r in mine]
+        per_env[str(env)] = {
+            "ticks": len(mine),
+            "sim_hz": _rate(mine, "t_start"),
+            "fresh_fraction": sources.count("fresh") / len(sources),
+            "action_age_s": percentiles([r["action_age_s"] for r in mine if r["action_age_s"] is not None]),
+            "frames_dropped": frames_dropped(mine),
+        }
+    batches = [r for r in infs if r.get("batch_index", 0) == 0]
+    sizes = [r.get("batch_size", 1) for r in batches]
+    span = max((r["t_end"] for r in infs), default=0.0) - min((r["t_start"] for r in infs), default=0.0)
+    return {
+        "envs": len(per_env),
+        "per_env": per_env,
+        "batches": len(batches),
+        "batch_sizes": {str(k): sizes.count(k) for k in sorted(set(sizes))},
+        "batch_size_mean": sum(sizes) / len(sizes) if sizes else None,
+        "frames_per_s": len(infs) / span if span > 0 else None,
+        "batches_per_s": len(batches) / span if span > 0 else None,
+    }
 
 
 def summarize(records: list[dict]) -> dict:
@@ -82,15 +124,17 @@ def summarize(records: list[dict]) -> dict:
         "held": sources.count("held"),
         "dummy": sources.count("dummy"),
         "stop": sources.count("stop"),
-        "frames_dropped": max((r["frames_dropped_total"] for r in ticks), default=0),
+        "frames_dropped": frames_dropped(ticks),
         "overruns": sum(1 for r in ticks if r["overrun_s"] > 0),
         "episodes": [
-            {"episode": e["episode"], "steps": e["steps"], "success": e["success"], "error": e["error"]}
+            {"episode": e["episode"], "steps": e["steps"], "success": e["success"], "error": e["error"],
+             "env": e.get("env", 0)}
             for e in episodes
         ],
         "success_rate": sum(e["success"] for e in episodes) / len(episodes) if episodes else None,
         "errors": [f'{r["error_kind"]}: {r["message"]}' for r in records if r["kind"] == "error"],
         "alerts": [f'{r["alert_kind"]}: {r["message"]}' for r in records if r["kind"] == "alert"],
+        "fleet": fleet_figures(ticks, infs),
     }
 
 
@@ -110,11 +154,23 @@ def format_summary(summary: dict, title: str = "") -> str:
         f"fresh {_num(None if fresh is None else 100 * fresh, '.0f')}%  held {summary['held']}  "
         f"dummy {summary['dummy']}  stop {summary['stop']}  dropped frames {summary['frames_dropped']}  overruns {summary['overruns']}"
     )
+    fleet = summary.get("fleet")
+    if fleet and fleet["envs"] > 1:
+        sizes = " ".join(f"{k}:{v}" for k, v in fleet["batch_sizes"].items())
+        lines.append(f"fleet of {fleet['envs']} envs: {fleet['batches']} batches (size:count {sizes}), "
+                     f"{_num(fleet['frames_per_s'], '.1f')} frames/s, {_num(fleet['batches_per_s'], '.1f')} batches/s")
+        for env, e in fleet["per_env"].items():
+            age = e["action_age_s"]
+            ages = "-" if age is None else f"{age['p50'] * 1e3:.0f}/{age['p99'] * 1e3:.0f}"
+            lines.append(f"  env {env}: {e['ticks']} ticks at {_num(e['sim_hz'], '.1f')} Hz, fresh "
+                         f"{100 * e['fresh_fraction']:.0f}%, action age p50/p99 {ages} ms, "
+                         f"dropped {e['frames_dropped']}")
     for e in summary["episodes"]:
         outcome = "success" if e["success"] else "failure"
         if e["error"]:
             outcome = f"ended on error ({e['error']})"
-        lines.append(f"episode {e['episode']}: {e['steps']} steps, {outcome}")
+        env = f" (env {e['env']})" if fleet and fleet["envs"] > 1 else ""
+        lines.append(f"episode {e['episode']}{env}: {e['steps']} steps, {outcome}")
     for alert in summary["alerts"]:
         lines.append(f"alert: {alert}")
     if summary["success_rate"] is not None:

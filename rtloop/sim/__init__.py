@@ -6,9 +6,10 @@ from pathlib import Path
 
 from rtloop.errors import InputError
 from rtloop.sim.base import SimEnv
+from rtloop.sim.replay import default_recording
 
-# Recorded with `python -m rtloop.sim.record --out tests/data/libero_object_frames.npz` (defaults).
-DEFAULT_RECORDING = Path(__file__).resolve().parents[2] / "tests" / "data" / "libero_object_frames.npz"
+# Recorded with `python -m rtloop.sim.record --out rtloop/data/libero_object_frames.npz` (defaults).
+DEFAULT_RECORDING = default_recording()
 
 KINDS = ("libero", "replay")
 

@@ -1,6 +1,6 @@
 """Record raw agentview frames from real LIBERO, for the replay env (machines without LIBERO or MuJoCo).
 
-    python -m rtloop.sim.record --suite libero_object --tasks 0 1 2 3 --frames 15 --out tests/data/libero_object_frames.npz
+    python -m rtloop.sim.record --suite libero_object --tasks 0 1 2 3 --frames 15 --out rtloop/data/libero_object_frames.npz
 
 Per task: the official reset (init state `--episode`, 10 settle steps), then a scripted end-effector motion,
 a loop in x/y/z (down then back up), so consecutive frames differ visibly. The first frame is the one
@@ -18,6 +18,7 @@ import numpy as np
 
 from rtloop.errors import InputError, RtloopError
 from rtloop.sim.replay import encode_frames
+from rtloop.sim.versions import installed_mujoco
 
 
 def scripted_action(step: int, period: int) -> np.ndarray:
@@ -50,6 +51,7 @@ def record(suite: str, task_ids: list[int], frames_per_task: int, episode: int, 
         "suite": np.array(suite),
         "episode": np.array(episode),
         "seed": np.array(seed),
+        "mujoco": np.array(installed_mujoco() or ""),  # renders move with the version (rtloop.sim.versions)
     }
 
 

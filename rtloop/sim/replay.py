@@ -6,11 +6,14 @@ the closed loop is not. Its step costs nothing, so physics and render are report
 Recording format (an .npz written by `python -m rtloop.sim.record`):
 - frames_delta  uint8 [N, H, W, 3]: per task, the first frame raw, then each frame minus the previous one
   (mod 256). Lossless; consecutive frames differ in a few % of pixels, so this compresses ~10x better.
-- frame_task_ids int [N]; task_ids int [T]; instructions str [T]; suite str; episode, seed.
+- frame_task_ids int [N]; task_ids int [T]; instructions str [T]; suite str; episode, seed; mujoco str (the
+  version that rendered them).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,33 @@ from rtloop.sim.base import Observation, StepResult
 from rtloop.sim.libero_env import horizon_for
 
 INIT_STATES_PER_TASK = 50  # LIBERO's; the replay accepts the same episode range as the real env
+RECORDING_NAME = "libero_object_frames.npz"  # libero_object tasks 0-3, 15 frames each (rtloop.sim.record defaults)
+
+
+def default_recording() -> Path:
+    """The recording shipped inside the package (rtloop/data), where a wheel install has it too. A plain
+    file on disk (packages are installed unzipped), so it is usable as a path after the lookup."""
+    return Path(str(resources.files("rtloop.data") / RECORDING_NAME))
+
+
+@dataclass
+class Frame:
+    image: np.ndarray  # a raw LIBERO agentview frame, as the sim returns it
+    instruction: str
+
+
+def load_frames(path: Path) -> list[Frame]:
+    """All recorded frames, interleaved across tasks so consecutive calls change frame and prompt."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"recorded frames {path}: no such file")
+    with np.load(path, allow_pickle=False) as data:
+        frame_task_ids = data["frame_task_ids"]
+        frames = decode_frames(data["frames_delta"], frame_task_ids)
+        instructions = dict(zip(data["task_ids"].tolist(), data["instructions"].tolist()))
+    per_task = [[Frame(f, instructions[t]) for f, t in zip(frames, frame_task_ids) if t == task] for task in instructions]
+    longest = max(len(fs) for fs in per_task)
+    return [fs[i] for i in range(longest) for fs in per_task if i < len(fs)]
 
 
 def encode_frames(frames: np.ndarray, frame_task_ids: np.ndarray) -> np.ndarray:

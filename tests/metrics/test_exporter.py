@@ -125,12 +125,35 @@ def test_naming_follows_prometheus_conventions():
         assert family.name.startswith("rtloop_"), family.name
         if family.type == "counter":
             assert any(s.name == family.name + "_total" for s in family.samples), family.name
-        if family.type == "histogram":
-            assert family.name.endswith("_seconds"), family.name
+        if family.type == "histogram":  # durations in seconds; the batch size is a count of frames
+            assert family.name.endswith("_seconds") or family.name == "rtloop_inference_batch_size", family.name
         if family.type == "gauge":
-            assert family.name.endswith(("_hertz", "_bytes", "_info", "_episode", "_step")), family.name
+            assert family.name.endswith(("_hertz", "_bytes", "_info", "_episode", "_step", "_envs")), family.name
         for s in family.samples:
-            assert set(s.labels) <= {"suite", "task", "engine", "stage", "source", "kind", "le", "policy", "mode"}
+            assert set(s.labels) <= {"suite", "task", "engine", "stage", "source", "kind", "le", "policy", "mode",
+                                     "env"}
+
+
+def test_fleet_series_per_env_are_bounded_by_the_fleet_size():
+    sink = PrometheusSink()
+    sink.on_record(RunRecord({**RUN, "envs": 3}))
+    for env, (source, dropped) in enumerate([("fresh", 1), ("held", 4), ("fresh", 0)]):
+        rec = tick(5, source=source, dropped=dropped)
+        rec.env = env
+        sink.on_record(rec)
+    for i in range(3):  # one batch of 3 frames, then a batch of 1
+        sink.on_record(InferenceRecord(episode=0, seq=i, frame_seq=i, frame_time=0.0, t_start=0.1, t_end=0.2,
+                                          queue_wait_s=0.0, frame_age_s=0.1, env=i, batch_size=3, batch_index=i))
+    sink.on_record(InferenceRecord(episode=0, seq=3, frame_seq=3, frame_time=0.0, t_start=0.3, t_end=0.4,
+                                      queue_wait_s=0.0, frame_age_s=0.1, env=1, batch_size=1, batch_index=0))
+    assert value(sink, "rtloop_fleet_envs") == 3
+    envs = {dict(labels)["env"] for name, labels in samples(sink) if name == "rtloop_env_actions_total"}
+    assert envs == {"0", "1", "2"}
+    assert value(sink, "rtloop_env_actions_total", env="1", source="held") == 1
+    assert value(sink, "rtloop_env_actions_total", env="1", source="fresh") == 0
+    assert value(sink, "rtloop_frames_dropped_total") == 5  # each env's own running total, summed
+    assert value(sink, "rtloop_inference_batch_size_count") == 2  # batches, not frames
+    assert value(sink, "rtloop_inference_batch_size_sum") == 4
 
 
 def test_two_sinks_do_not_share_metrics():

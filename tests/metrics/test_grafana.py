@@ -20,6 +20,8 @@ from rtloop.metrics.exporter import PrometheusSink
 from rtloop.metrics.promapi import DASHBOARD, dashboard_queries
 from rtloop.commands.run import add_arguments
 from rtloop.runtime.records import RunRecord
+from rtloop.serve.command import add_arguments as add_serve_arguments
+from rtloop.serve.server import ServerMetrics
 
 GRAFANA = Path(__file__).resolve().parents[2] / "grafana"
 
@@ -46,7 +48,9 @@ def test_dashboard_has_the_required_panels_and_only_known_metrics():
 
     sink = PrometheusSink()
     sink.on_record(RunRecord({"rate": 10, "suite": "libero_object", "task": 0, "engine": "eager", "policy": "x"}))
-    exported = set(re.findall(r"^(rtloop_\w+?)(?:\{| )", generate_latest(sink.registry).decode(), re.M))
+    server = ServerMetrics("eager", "random")
+    text = generate_latest(sink.registry).decode() + generate_latest(server.registry).decode()
+    exported = set(re.findall(r"^(rtloop_\w+?)(?:\{| )", text, re.M))
     used = {name for q in queries for name in re.findall(r"rtloop_\w+", q.expr)}
     assert used and used <= exported, used - exported
 
@@ -75,6 +79,10 @@ def test_provisioning_compose_and_prometheus_fit_together():
     add_arguments(parser)
     default_port = parser.parse_args([]).metrics_port
     assert job["static_configs"][0]["targets"] == [f"localhost:{default_port}"]
+    serve_parser = argparse.ArgumentParser()
+    add_serve_arguments(serve_parser)
+    serve_job = next(j for j in config["scrape_configs"] if j["job_name"] == "rtloop-serve")
+    assert serve_job["static_configs"][0]["targets"] == [f"localhost:{serve_parser.parse_args([]).metrics_port}"]
     assert prometheus["network_mode"] == "host"  # so localhost is the host, where rtloop listens on loopback
 
     # Grafana: the provisioned datasource is the one the dashboard names, at the Prometheus compose starts.

@@ -12,7 +12,8 @@ import torch
 from rtloop.bench import DEFAULT_FRAMES, engine_tokens, load_frames
 from rtloop.errors import InputError
 from rtloop.policy.engines import build_engine, check_engine_device, split_engine_name
-from rtloop.policy.quant import WeightOnlyLinear, llama_bytes_per_token, quantize_, quantize_weight, weight_format
+from rtloop.policy.linear import Linear
+from rtloop.policy.quant import llama_bytes_per_token, quantize_, quantize_weight, weight_format
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -90,13 +91,15 @@ def test_quantized_model_keeps_its_tokens(tiny_checkpoint, frames):
     policy = _policy(tiny_checkpoint)
     bytes_fp32 = llama_bytes_per_token(policy.model)
     layers = policy.model.language_model.model.layers
-    linear_bytes = sum(m.weight.numel() * 4 for m in layers.modules() if isinstance(m, torch.nn.Linear))
+    linear_bytes = sum(m.weight.numel() * 4 for m in layers.modules() if isinstance(m, Linear))
+    assert linear_bytes > 0
     base_tokens, _ = _run(policy, "eager", frames)
     tokens, _ = _run(policy, "eager+int8", frames)
     assert weight_format(policy.model) == "int8"
     layer = policy.model.language_model.model.layers[0]
-    assert isinstance(layer.self_attn.q_proj, WeightOnlyLinear) and isinstance(layer.mlp.down_proj, WeightOnlyLinear)
-    assert isinstance(policy.model.language_model.lm_head, WeightOnlyLinear)
+    for linear in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj,
+                   policy.model.language_model.lm_head):
+        assert linear.weight.dtype == torch.int8 and linear.scale is not None
     assert llama_bytes_per_token(policy.model) < bytes_fp32 - 0.7 * linear_bytes  # 4-byte weights -> 1-byte
     assert (tokens == base_tokens).float().mean() >= 0.9
     with pytest.raises(InputError, match="already quantised to int8"):
@@ -157,3 +160,105 @@ def test_compiled_quantised_mostly_matches_bf16_on_cuda(tiny_checkpoint, frames,
     tokens, _ = _run(policy, f"compiled+{fmt}", frames)
     assert weight_format(policy.model) == fmt
     assert (tokens == base).float().mean() >= 0.75
+
+
+INSTRUCTIONS = ["pick up the ketchup", "pick up the alphabet soup and place it in the basket",
+                "open the top drawer of the cabinet and put the bowl inside it", "put the cream cheese in the bowl",
+                "pick it"]
+
+
+def _batch_inputs(policy, n, on_host=False):
+    """n frames, each its own random image (random images give varied tokens) and its own prompt, of
+    different lengths."""
+    import numpy as np
+
+    from rtloop.policy.processor import build_prompt, pixel_values, tokenize_prompt
+
+    rng = np.random.default_rng(n)
+    images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(n)]
+    ids = [tokenize_prompt(policy.tokenizer, build_prompt(INSTRUCTIONS[i % len(INSTRUCTIONS)])) for i in range(n)]
+    assert len({i.shape[1] for i in ids}) == min(n, len(INSTRUCTIONS))  # prompts of different lengths
+    if on_host:
+        return images, ids
+    return torch.cat([pixel_values(im, policy.device, policy.dtype) for im in images]), [i.to(policy.device) for i in ids]
+
+
+def _batch_matches_batch_one(engine, images, ids, logit_tol):
+    tokens, logits = engine.generate_batch_with_logits(images, ids)
+    assert tokens.shape == (len(ids), 7) and logits.shape[:2] == (len(ids), 7)
+    for b in range(len(ids)):
+        one = images[b : b + 1] if isinstance(images, torch.Tensor) else [images[b]]
+        alone_tokens, alone_logits = engine.generate_batch_with_logits(one, [ids[b]])
+        assert torch.equal(tokens[b], alone_tokens[0]), b
+        assert (logits[b] - alone_logits[0]).abs().max() < logit_tol
+    return tokens
+
+
+def test_eager_batch_of_frames_with_their_own_prompts_equals_each_frame_alone(tiny_checkpoint):
+    """fp32 on the CPU: frame b's tokens in a batch are its batch-1 tokens, its logits those to rounding,
+    with prompts of four lengths right-padded to the longest."""
+    policy = _policy(tiny_checkpoint)
+    engine = build_engine("eager", policy.model, max_batch=4)
+    images, ids = _batch_inputs(policy, 4)
+    tokens = _batch_matches_batch_one(engine, images, ids, 1e-4)
+    assert len({tuple(t.tolist()) for t in tokens}) > 1  # the frames differ: a mix-up would show
+    # and the plain generate (no logits) gives the same tokens
+    assert torch.equal(engine.generate_batch(images, ids), tokens)
+    with pytest.raises(InputError, match="batches of 1 to 4 frames, got 5"):
+        engine.generate_batch(torch.cat([images, images[:1]]), ids + ids[:1])
+    with pytest.raises(InputError, match="batch size 3 is not a bucket"):
+        build_engine("eager", policy.model, max_batch=3)
+
+
+def test_batch_memory_is_estimated_before_allocating():
+    from rtloop.policy.checkpoint import make_config
+    from rtloop.policy.config import OpenVLAConfig
+    from rtloop.policy.engines import batch_memory_bytes, check_batch_fits, engine_seq_len
+
+    config = OpenVLAConfig.from_dict(make_config("7b"))
+    seq = engine_seq_len(config, 7)
+    one, many = (batch_memory_bytes(config, b, seq, torch.bfloat16) for b in (1, 32))
+    # 32 layers x (k, v) x 4096 x 384 positions x 2 bytes: 201 MB of KV cache a frame
+    assert one["kv_cache"] == 32 * 2 * 4096 * seq * 2 and many["kv_cache"] == 32 * one["kv_cache"]
+    assert 0 < one["activations"] < one["kv_cache"]
+    check_batch_fits(config, 32, seq, torch.bfloat16, 100e9)
+    with pytest.raises(InputError, match=r"batch 32 needs ~\d+\.\d+ GB of GPU memory \(KV cache 6\.4\d GB"):
+        check_batch_fits(config, 32, seq, torch.bfloat16, 4e9)
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("name", ["graphed", "compiled"])
+def test_graphed_batches_equal_each_frame_alone_on_cuda(tiny_checkpoint, name):
+    """fp32: 3 frames (padded to the bucket of 4) through one graph give each frame's batch-1 tokens, from
+    uint8 images on the host and from pixel_values on the device alike, and eager's tokens too."""
+    policy = _policy(tiny_checkpoint, "cuda", torch.float32)
+    eager = build_engine("eager", policy.model, max_batch=4)
+    engine = build_engine(name, policy.model, max_batch=4)
+    images, ids = _batch_inputs(policy, 3)
+    tokens = _batch_matches_batch_one(engine, images, ids, 1e-2)
+    assert torch.equal(tokens, eager.generate_batch(images, ids))
+    host_images, host_ids = _batch_inputs(policy, 3, on_host=True)
+    assert torch.equal(_batch_matches_batch_one(engine, host_images, host_ids, 1e-2), tokens)
+    assert {key[0] for key in engine.graphs} == {1, 4}  # batch buckets, sharing one pool
+    seconds, frames, positions = engine.time_prefill(3, max(i.shape[1] for i in ids))
+    assert seconds > 0 and frames == 4 and positions == 256 + 16
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_compiled_quantised_batches_mostly_match_batch_one_on_cuda(tiny_checkpoint, fmt):
+    """bf16, 8-bit prefill at any batch; at batch 1 the decode on the GEMV, at 4 on cuBLAS (weight-only)."""
+    from rtloop.policy.kernels import KernelOptions
+
+    policy = _policy(tiny_checkpoint, "cuda", torch.bfloat16)
+    engine = build_engine(f"compiled+{fmt}", policy.model, max_batch=4)
+    images, ids = _batch_inputs(policy, 4)
+    tokens = engine.generate_batch(images, ids).clone()
+    alone = torch.stack([engine.generate_batch(images[b : b + 1], [ids[b]])[0] for b in range(4)])
+    assert (tokens == alone).float().mean() >= 0.75
+    if fmt == "fp8" and torch.cuda.get_device_capability() >= (9, 0):  # the RTX 4090's code paths, forced
+        ada = build_engine("compiled+fp8", policy.model, max_batch=4, kernel_options=KernelOptions(arch="sm89"))
+        assert ada.kernel_options.sm == 89 and not ada.kernel_options.pdl
+        assert (ada.generate_batch(images, ids) == tokens).float().mean() >= 0.75

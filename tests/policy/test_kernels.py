@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rtloop.policy import kernels
-from rtloop.policy.linear import FusedLinear
+from rtloop.policy.ops import kernel_ops
 from rtloop.policy.quant import quantize_, quantize_weight, weight_format
 
 pytestmark = pytest.mark.skipif(not kernels.available(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
@@ -26,14 +26,13 @@ def _close(y, ref, rel):
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("shape", [(64, 256), (40, 200)])  # even tiles, and rows/columns that need masks
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "fp8"])
-def test_gemv_matches_torch(fmt, shape, gated, variant, monkeypatch):
+def test_gemv_matches_torch(fmt, shape, gated, variant):
     """Every way the GEMV can be built: accumulating whole tiles or row sums (ROW_SUMS, chosen by tile),
     int8 weights widened by bit arithmetic or by the conversion instruction."""
     if variant == "widen by conversion" and fmt != "int8":
         pytest.skip("only int8 has two ways")
-    monkeypatch.setattr(kernels, "AUTOTUNE", False)
-    monkeypatch.setattr(kernels, "FIXED_TILE", (2, 128, 4, variant == "row sums"))
-    monkeypatch.setattr(kernels, "INT8_BITS", variant != "widen by conversion")
+    tile = [2, 128, 4, int(variant == "row sums")]
+    int8_bits = variant != "widen by conversion"
     N, K = shape
     g = torch.Generator().manual_seed(N + K)
     x = torch.randn(1, 1, K, generator=g)
@@ -46,7 +45,7 @@ def test_gemv_matches_torch(fmt, shape, gated, variant, monkeypatch):
         dtype = getattr(torch, fmt)
         x, w, scale = x.to(dtype), w.to(dtype), None
     x, w = x.to(DEVICE), w.to(DEVICE)
-    y = kernels.gemv(x, w, scale, gated)
+    y = kernels.gemv(x, w, scale, gated, tile=tile, int8_bits=int8_bits)
     assert y.shape == (1, 1, N // 2 if gated else N) and y.dtype == x.dtype
     _close(y, kernels.gemv_reference(x, w, scale, gated), 1e-5 if fmt == "float32" else 2e-2)
     if not gated:  # and the reference is the matrix product it claims to be
@@ -58,6 +57,7 @@ def test_gemv_matches_torch(fmt, shape, gated, variant, monkeypatch):
 @pytest.mark.parametrize("shape", [(64, 256), (40, 200)])
 @pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
 def test_gemv_fuses_the_rmsnorm_before_and_the_residual_after(fmt, shape, gated):
+    """(the autotuned GEMV on a GPU; the interpreter's fixed tile on the CPU)"""
     from rtloop.policy.llama import RMSNorm
 
     N, K = shape
@@ -84,7 +84,8 @@ def test_decode_attention_is_rope_cache_write_and_masked_sdpa(pos, n_kv_heads):
     import torch.nn.functional as F
 
     from rtloop.policy.config import LlamaArgs
-    from rtloop.policy.llama import KVCache, rope_tables, rotate_half
+    from rtloop.policy.llama import KVCache, rope_tables
+    from rtloop.policy.ops import rotate_half
 
     n_heads, head_dim, max_seq_len = 4, 16, 96
     g = torch.Generator().manual_seed(pos)
@@ -108,7 +109,9 @@ def test_decode_attention_is_rope_cache_write_and_masked_sdpa(pos, n_kv_heads):
     c, s = cos[pos], sin[pos]
     q = (q * c + rotate_half(q) * s).bfloat16()
     k = (k * c + rotate_half(k) * s).bfloat16()
-    k_all, v_all = plain_cache.update(input_pos, k, v.bfloat16())
+    plain_cache.k_cache.index_copy_(2, input_pos, k)
+    plain_cache.v_cache.index_copy_(2, input_pos, v.bfloat16())
+    k_all, v_all = plain_cache.k_cache, plain_cache.v_cache
     group = n_heads // n_kv_heads
     mask = (torch.arange(max_seq_len, device=DEVICE) <= pos)[None, None, None]  # the causal mask's row `pos`
     ref = F.scaled_dot_product_attention(q.float(), k_all.float().repeat_interleave(group, 1),
@@ -140,15 +143,38 @@ def test_8bit_prefill_matmuls_approximate_the_float_product(fmt, matmul, rel):
 
 
 
-def test_prefill_split_takes_off_a_mostly_empty_last_row_of_tiles(monkeypatch):
-    monkeypatch.setattr(kernels, "PREFILL_SPLIT", True)
+def test_prefill_split_takes_off_a_mostly_empty_last_row_of_tiles():
     assert kernels.prefill_split(288) == 256  # the LIBERO prefill: 256 patches + a 32-token prompt bucket
     assert kernels.prefill_split(272) == 256
     assert kernels.prefill_split(256) == 0  # whole tiles: nothing to gain
     assert kernels.prefill_split(352) == 0  # the last tile is more than half full: it pays its way
     assert kernels.prefill_split(100) == 0  # one row of tiles
-    monkeypatch.setattr(kernels, "PREFILL_SPLIT", False)
-    assert kernels.prefill_split(288) == 0
+
+
+def test_kernel_options_resolve_against_the_device():
+    cpu = kernels.KernelOptions().resolve(torch.device("cpu"))
+    assert cpu.sm is None and cpu.pdl is False and cpu.rowwise_fp8  # the CPU's _scaled_mm is row-wise
+    with pytest.raises(ValueError, match="cannot be forced on a CPU"):
+        kernels.KernelOptions(arch="sm89").resolve(torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown kernel architecture 'sm7'"):
+        kernels.KernelOptions(arch="sm7").resolve(torch.device("cpu"))
+    with pytest.raises(ValueError, match="PDL needs sm90"):
+        kernels.KernelOptions(pdl=True).resolve(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability() < (9, 0), reason="needs sm90+")
+def test_the_sm89_code_paths_can_be_forced_on_hopper():
+    hopper = kernels.KernelOptions().resolve(torch.device("cuda"))
+    assert hopper.pdl and hopper.rowwise_fp8
+    ada = kernels.KernelOptions(arch="sm89").resolve(torch.device("cuda"))
+    assert ada.sm == 89 and not ada.pdl and not ada.rowwise_fp8
+    assert not kernels.KernelOptions(pdl=False).resolve(torch.device("cuda")).pdl
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(48, 64, device="cuda", generator=g).bfloat16()
+    w = torch.randn(32, 64, device="cuda", generator=g)
+    q, scale = quantize_weight(w.bfloat16(), "fp8")
+    _close(kernels.fp8_matmul(x, q, scale, ada).float(), x.float() @ w.t(), 0.08)  # one scale per tensor
 
 
 @pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability() < (9, 0), reason="row-wise fp8 needs Hopper")
@@ -165,8 +191,7 @@ def test_fp8_prefill_matmul_whole_is_scaled_mm():
 
 
 @pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability() < (9, 0), reason="row-wise fp8 needs Hopper")
-def test_split_fp8_prefill_matmul_equals_the_whole_one_also_in_a_graph(monkeypatch):
-    monkeypatch.setattr(kernels, "AUTOTUNE", False)  # split wherever prefill_split says
+def test_split_fp8_prefill_matmul_equals_the_whole_one_also_in_a_graph():
     g = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randn(288, 512, device="cuda", generator=g).bfloat16()
     q, scale = quantize_weight(torch.randn(384, 512, device="cuda", generator=g).bfloat16(), "fp8")
@@ -174,49 +199,40 @@ def test_split_fp8_prefill_matmul_equals_the_whole_one_also_in_a_graph(monkeypat
     xq = (x.float() / x_scale).to(torch.float8_e4m3fn)
     args = (xq, q, x_scale, scale.float()[None, :], torch.bfloat16)
     whole = kernels._scaled_mm(*args, 0)
-    split = kernels.prefill_fp8_matmul(*args, 256)
+    split = kernels.prefill_fp8_matmul(*args, 256, False)  # untuned: split wherever it is told
     assert kernels.split_choices()[-1] == {"rows": 288, "k": 512, "n": 384, "dtype": "float8_e4m3fn", "split": 256}
     _close(split, whole, 0.01)  # cuBLAS may pick another kernel (accumulation order) for 32 rows
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = kernels.prefill_fp8_matmul(*args, 256)
+        captured = kernels.prefill_fp8_matmul(*args, 256, False)
     for _ in range(20):  # a missing join would let a replay read rows the side stream has not written
         captured.zero_()
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured, split)
 
-def _linears(*shapes):
+def test_fused_weights_keep_the_checkpoint_names_both_ways():
+    """[q; k; v] is one matrix in the model; state_dict() names its parts as the checkpoint does (views, not
+    copies), and load_state_dict() of the parts fills it."""
+    from rtloop.policy.config import LlamaArgs
+    from rtloop.policy.llama import SelfAttention
+
+    args = LlamaArgs(hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=8)
+    attn = SelfAttention(args)
+    state = attn.state_dict()
+    assert list(state) == ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"]
+    assert [t.shape for t in state.values()][:3] == [(16, 16), (8, 16), (8, 16)]
+    assert state["k_proj.weight"].data_ptr() == attn.qkv_proj.weight[16:].data_ptr()
     g = torch.Generator().manual_seed(2)
-    mods = []
-    for out_f, in_f in shapes:
-        m = torch.nn.Linear(in_f, out_f, bias=False)
-        m.weight.data = torch.randn(out_f, in_f, generator=g)
-        mods.append(m.requires_grad_(False))
-    return mods
-
-
-def test_fused_linear_keeps_one_copy_under_the_checkpoint_names():
-    q, k, v = _linears((32, 16), (8, 16), (8, 16))
-    before = [m.weight.clone() for m in (q, k, v)]
-    fused = FusedLinear([q, k, v])
-    assert fused.weight.shape == (48, 16)
-    assert q.weight.data_ptr() == fused.weight.data_ptr()  # views, not copies
-    assert k.weight.data_ptr() == fused.weight[32:].data_ptr()
-    for m, w in zip((q, k, v), before):
-        assert torch.equal(m.weight, w)
-    x = torch.randn(3, 16)
-    assert torch.allclose(fused(x), torch.cat([q(x), k(x), v(x)], dim=-1))
-    assert fused.is_built_from([q, k, v])
-    k.weight = torch.nn.Parameter(torch.zeros(8, 16))
-    assert not fused.is_built_from([q, k, v])
-
-
-def test_gated_fused_linear_is_swiglu():
-    gate, up = _linears((24, 16), (24, 16))
-    x = torch.randn(2, 16)
-    expected = torch.nn.functional.silu(gate(x)) * up(x)
-    assert torch.allclose(FusedLinear([gate, up], gated=True)(x), expected, atol=1e-6)
+    parts = {k: torch.randn(v.shape, generator=g) for k, v in state.items()}
+    attn.load_state_dict(parts, strict=True)
+    assert torch.equal(attn.qkv_proj.weight, torch.cat([parts["q_proj.weight"], parts["k_proj.weight"],
+                                                        parts["v_proj.weight"]]))
+    attn.qkv_proj.quantize_("int8")  # in place: the parts now carry 1-byte weights and their scales
+    assert set(attn.state_dict()) == {"q_proj.weight", "q_proj.scale", "k_proj.weight", "k_proj.scale",
+                                      "v_proj.weight", "v_proj.scale", "o_proj.weight"}
+    assert attn.state_dict()["v_proj.scale"].shape == (8,)
 
 
 def _tiny_policy(checkpoint):
@@ -235,16 +251,12 @@ def test_llama_on_the_kernels_picks_the_same_tokens(tiny_checkpoint, fmt):
     if fmt != "none":
         quantize_(policy.model, fmt)
         assert weight_format(policy.model) == fmt
-    lm = policy.model.language_model
     frame = load_frames(DEFAULT_FRAMES)[0]
     ids = tokenize_prompt(policy.tokenizer, build_prompt(frame.instruction)).to(DEVICE)
     pixels = pixel_values(prepare_libero_image(frame.image), DEVICE, policy.dtype)
-    lm.set_kernels(False)
     plain = policy.model.generate_action_tokens(pixels, ids)
-    lm.set_kernels(True)
-    assert all(layer.mlp.gate_up.use_kernels for layer in lm.model.layers)
-    fast = policy.model.generate_action_tokens(pixels, ids)
-    lm.set_kernels(False)
+    ops = kernel_ops(kernels.DEFAULT_OPTIONS.resolve(torch.device(DEVICE)), batch=1)
+    fast = policy.model.generate_action_tokens(pixels, ids, ops=ops)
     if fmt == "none":
         assert torch.equal(plain, fast)
     else:  # the prefill's activations are quantised too: allow one flipped token of seven

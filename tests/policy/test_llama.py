@@ -42,7 +42,7 @@ def test_full_prompt_logits_match(pair):
     ours, hf = pair
     ids = _prompt(batch=2)
     ours.setup_caches(2, 64)
-    got = ours(torch.arange(ids.shape[1]), input_ids=ids)
+    got = ours.prefill(ours.embed(ids))
     want = hf(input_ids=ids).logits
     assert got.shape == want.shape == (2, 20, 32064)
     assert (got - want).abs().max().item() < ATOL
@@ -53,7 +53,7 @@ def test_inputs_embeds_path_matches(pair):
     ours, hf = pair
     embeds = torch.randn(1, 12, ARGS.hidden_size, generator=torch.Generator().manual_seed(2))
     ours.setup_caches(1, 32)
-    got = ours(torch.arange(12), inputs_embeds=embeds)
+    got = ours.prefill(embeds)
     want = hf(inputs_embeds=embeds).logits
     assert (got - want).abs().max().item() < ATOL
 
@@ -76,11 +76,11 @@ def test_greedy_with_static_cache_matches_hf_full_forward(pair):
 
     # ours: one prefill, then one token per step through the static cache (sized larger than needed)
     ours.setup_caches(1, 128)
-    logits = ours(torch.arange(T), input_ids=ids)[:, -1]
+    logits = ours.prefill(ours.embed(ids))[:, -1]
     got_tokens, got_logits = [logits.argmax(-1, keepdim=True)], [logits]
     input_pos = torch.tensor([T])
     for _ in range(n - 1):
-        logits = ours(input_pos, input_ids=got_tokens[-1])[:, -1]
+        logits = ours.decode(ours.embed(got_tokens[-1]), input_pos)
         got_tokens.append(logits.argmax(-1, keepdim=True))
         got_logits.append(logits)
         input_pos += 1
@@ -95,7 +95,31 @@ def test_stale_cache_entries_are_masked(pair):
     """A second, shorter prompt reuses the cache written by a longer one: positions past it must not leak."""
     ours, hf = pair
     ours.setup_caches(1, 64)
-    ours(torch.arange(40), input_ids=_prompt(length=40, seed=4))
+    ours.prefill(ours.embed(_prompt(length=40, seed=4)))
     ids = _prompt(length=10, seed=5)
-    got = ours(torch.arange(10), input_ids=ids)
+    got = ours.prefill(ours.embed(ids))
     assert (got - hf(input_ids=ids).logits).abs().max().item() < ATOL
+    # and a decode step after it attends to positions 0..10 only, not to what the long prompt left at 11..39
+    token = got[:, -1].argmax(-1, keepdim=True)
+    step = ours.decode(ours.embed(token), torch.tensor([10]))
+    want = hf(input_ids=torch.cat([ids, token], dim=1)).logits[:, -1]
+    assert (step - want).abs().max().item() < ATOL
+
+
+@torch.no_grad()
+def test_a_batch_of_prompts_of_different_lengths_is_each_prompt_alone(pair):
+    """Right-padded to one length, each frame with its own last position (prefill) and its own positions
+    (decode): every frame's logits are those of its prompt alone, step after step."""
+    ours, hf = pair
+    prompts = [_prompt(length=n, seed=10 + n)[0] for n in (9, 17, 13)]
+    ids = torch.nn.utils.rnn.pad_sequence(prompts, batch_first=True, padding_value=0)
+    lengths = torch.tensor([len(p) for p in prompts])
+    ours.setup_caches(3, 64)
+    logits = ours.prefill(ours.embed(ids), last=lengths - 1)[:, 0]
+    seqs = [p[None] for p in prompts]
+    for step in range(4):
+        for b, seq in enumerate(seqs):
+            assert (logits[b] - hf(input_ids=seq).logits[0, -1]).abs().max().item() < ATOL
+        token = logits.argmax(-1, keepdim=True)
+        seqs = [torch.cat([seq, token[b : b + 1]], dim=1) for b, seq in enumerate(seqs)]
+        logits = ours.decode(ours.embed(token), lengths + step)

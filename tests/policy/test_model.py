@@ -50,8 +50,9 @@ def test_generate_matches_hf_llama_on_spliced_embeddings(model):
 @torch.no_grad()
 def test_prefill_logits_depend_on_the_image_through_the_splice(model):
     model.setup_caches(1, 320)
-    a = model.prefill(PROMPT, model.embed_images(_pixels(2)))
-    b = model.prefill(PROMPT, model.embed_images(_pixels(3)))
+    last = torch.tensor([PROMPT.shape[1] + 255])
+    a = model.prefill(PROMPT, model.embed_images(_pixels(2)), last)
+    b = model.prefill(PROMPT, model.embed_images(_pixels(3)), last)
     assert a.shape == (1, 32064)
     assert not torch.allclose(a, b)
 
@@ -61,13 +62,13 @@ def test_prefill_of_some_rows_is_those_rows_of_the_full_prefill(model):
     """`rows` cuts the last layer's work to the positions asked for; nothing else may change, the cache
     included (the decode steps read every position's key and value)."""
     lm = model.language_model
-    lm.setup_caches(1, 64)
-    x = torch.randn(1, 20, lm.args.hidden_size, generator=torch.Generator().manual_seed(3))
-    full = lm.hidden_states(x)
+    lm.setup_caches(2, 64)
+    x = torch.randn(2, 20, lm.args.hidden_size, generator=torch.Generator().manual_seed(3))
+    full = lm.prefill(x)
     cache = lm.model.layers[-1].self_attn.kv_cache
     keys = cache.k_cache.clone()
-    rows = torch.tensor([7, 19])
-    torch.testing.assert_close(lm.hidden_states(x, rows=rows), full[:, rows])
+    rows = torch.tensor([7, 19])  # frame 0's position 7, frame 1's position 19
+    torch.testing.assert_close(lm.prefill(x, last=rows)[:, 0], full[torch.arange(2), rows])
     assert torch.equal(cache.k_cache, keys)
 
 
@@ -122,22 +123,22 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @torch.no_grad()
 def test_decode_step_replays_in_a_cuda_graph():
-    """decode_step has static shapes and no host syncs: capture it once, replay it at later positions."""
+    """decode has static shapes and no host syncs: capture it once, replay it at later positions."""
     model = build_random_model("tiny", "cuda", torch.float32, seed=0)
     pixels, prompt = _pixels(6).cuda(), PROMPT.cuda()
     want = model.generate_action_tokens(pixels, prompt)  # eager reference; also sizes the cache
 
-    model.prefill(prompt, model.embed_images(pixels))
+    model.prefill(prompt, model.embed_images(pixels), torch.tensor([prompt.shape[1] + 255], device="cuda"))
     token = want[:, :1].clone()
     input_pos = torch.tensor([prompt.shape[1] + 256], device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up outside the graph, as CUDA graph capture requires
-        model.decode_step(token, input_pos)
+        model.decode(token, input_pos)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        logits = model.decode_step(token, input_pos)
+        logits = model.decode(token, input_pos)
     got = [want[0, 0].item()]
     for i in range(1, 7):
         token.copy_(want[:, i - 1 : i])
@@ -157,7 +158,7 @@ def test_7b_random_model_builds_on_gpu_in_bf16():
     assert torch.cuda.max_memory_allocated() - before < 15.5e9  # 7.54e9 bf16 parameters, no fp32 or CPU copy
     pixels, prompt = _pixels(7).cuda(), PROMPT.cuda()
     model.setup_caches(1, 320)
-    logits = model.prefill(prompt, model.embed_images(pixels))
+    logits = model.prefill(prompt, model.embed_images(pixels), torch.tensor([prompt.shape[1] + 255], device="cuda"))
     assert torch.isfinite(logits.float()).all()
     tokens = model.generate_action_tokens(pixels, prompt)
     assert tokens.shape == (1, 7)

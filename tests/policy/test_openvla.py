@@ -156,3 +156,97 @@ def test_real_libero_frames(policy):
     finally:
         env.close()
     assert set(seen) <= {"constant_action"}
+
+
+def test_act_batch_gives_each_frame_its_own_action(tiny_checkpoint):
+    """One batched call, frames with their own prompts: each output is what act() gives that frame alone
+    (fp32 on the CPU); the guards keep one history per stream."""
+    batched = OpenVLAPolicy(tiny_checkpoint, max_batch=4)
+    instructions = [INSTRUCTION, "open the top drawer and put the bowl inside", "pick it up"]
+    frames = [frame(10 + i) for i in range(3)]
+    outs = batched.act_batch(frames, instructions)
+    assert len(outs) == 3 and all(isinstance(o, PolicyOutput) for o in outs)
+    for out, f, instruction in zip(outs, frames, instructions):
+        alone = batched.act(f, instruction)
+        assert np.array_equal(out.action, alone.action) and np.array_equal(out.raw_action, alone.raw_action)
+        assert set(out.timings) == set(STAGES)
+    assert len({tuple(o.raw_action) for o in outs}) > 1
+    assert set(batched._stream_guards) == {0, 1, 2}
+    actions, _ = batched.predict_action_batch([prepare_libero_image(f) for f in frames[:2]], instructions[:2],
+                                              streams=[7, 7])
+    assert actions.shape == (2, 7) and 7 in batched._stream_guards
+
+
+def test_act_batch_bad_input_is_one_line(policy):
+    image = prepare_libero_image(frame(0))
+    with pytest.raises(InputError, match="2 images for 1 instructions"):
+        policy.predict_action_batch([image, image], [INSTRUCTION])
+    with pytest.raises(InputError, match="a batch of 2 frames; this policy takes 1 to 1"):
+        policy.predict_action_batch([image, image], [INSTRUCTION] * 2)
+
+
+def test_centre_crop_is_on_by_default_as_in_the_official_eval(policy):
+    assert policy.center_crop
+    raw = frame(2)
+    out = policy.act(raw, INSTRUCTION)
+    cropped, _ = policy.predict_action(prepare_libero_image(raw, center_crop=True), INSTRUCTION)
+    assert np.array_equal(out.raw_action, cropped)
+
+
+def test_predict_action_takes_a_pil_image_as_the_chapter_passes_one(policy):
+    image = prepare_libero_image(frame(3))
+    from_array, _ = policy.predict_action(image, INSTRUCTION)
+    from_pil, _ = policy.predict_action(Image.fromarray(image), INSTRUCTION)
+    assert np.array_equal(from_array, from_pil)
+    # the chapter's own input: the 256x256 frame, flipped, as a PIL image (resized naively to 224 here)
+    chapter, _ = policy.predict_action(Image.fromarray(frame(3)[::-1]), INSTRUCTION)
+    assert chapter.shape == (7,) and np.all(np.isfinite(chapter))
+    assert np.array_equal(policy.act(Image.fromarray(frame(3)), INSTRUCTION).action,
+                          policy.act(frame(3), INSTRUCTION).action)
+
+
+def test_nan_weights_are_reported_as_non_finite_logits(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    state = load_file(ckpt / "model.safetensors")
+    state["language_model.model.norm.weight"][:] = float("nan")
+    save_file(state, ckpt / "model.safetensors", {"format": "pt"})
+    p = OpenVLAPolicy(ckpt)
+    with pytest.raises(ActionError) as e:
+        p.act(frame(0), INSTRUCTION)
+    assert str(e.value).startswith("the model's logits are not finite (NaN or inf)")
+    assert "not an action token" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_statistics_of_the_wrong_dimension_are_named_before_the_weights_load(tiny_checkpoint, tmp_path):
+    from rtloop.errors import CheckpointError
+
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    stats = json.loads((ckpt / "config.json").read_text())["norm_stats"]
+    stats["libero_object"]["action"]["q99"] = stats["libero_object"]["action"]["q99"] + [1.0]
+    (ckpt / "dataset_statistics.json").write_text(json.dumps(stats))
+    # tensor data safetensors would refuse to read (an unknown dtype): the statistics fail first
+    f = ckpt / "model.safetensors"
+    data = f.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    f.write_bytes(data[: 8 + n].replace(b'"dtype":"F32"', b'"dtype":"Q32"', 1) + data[8 + n :])
+    with pytest.raises(CheckpointError) as e:
+        OpenVLAPolicy(ckpt)
+    message = str(e.value)
+    assert "dataset_statistics.json, key 'libero_object': the action statistics have the wrong dimension" in message
+    assert "q99 has 8 entries; OpenVLA's actions have 7" in message
+
+
+def test_no_key_for_the_suite_gives_the_finetuned_hint(tiny_checkpoint, tmp_path):
+    """The base openvla-7b run on LIBERO with no --unnorm-key: it has no LIBERO statistics at all."""
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    stats = json.loads((ckpt / "config.json").read_text())["norm_stats"]
+    (ckpt / "dataset_statistics.json").write_text(json.dumps({"bridge_orig": stats["bridge_orig"]}))
+    with pytest.raises(UnnormKeyError) as e:
+        OpenVLAPolicy(ckpt, suite="libero_object")
+    message = str(e.value)
+    assert message.startswith("this checkpoint has no statistics for libero_object (libero_object or "
+                              "libero_object_no_noops); it has: bridge_orig.")
+    assert "openvla-7b-finetuned-libero-" in message and "--unnorm-key" in message and "\n" not in message
+    assert OpenVLAPolicy(ckpt, suite="libero_object", unnorm_key="bridge_orig").unnorm_key == "bridge_orig"

@@ -7,6 +7,7 @@ from PIL import Image
 
 from rtloop.errors import InputError
 from rtloop.policy.processor import (
+    as_array,
     build_prompt,
     center_crop_resize,
     check_prompt_template,
@@ -94,7 +95,20 @@ def test_center_crop_keeps_90_percent_of_area():
     assert abs(int(out[100, -1, 0]) - (1 + side) / 2 * 223) <= 1
     assert np.all(np.diff(out[100, :, 0].astype(int)) >= 0)
     cropped = prepare_libero_image(quadrants(), center_crop=True)
-    assert cropped.shape == (224, 224, 3) and not np.array_equal(cropped, prepare_libero_image(quadrants()))
+    uncropped = prepare_libero_image(quadrants(), center_crop=False)
+    assert cropped.shape == (224, 224, 3) and not np.array_equal(cropped, uncropped)
+    # on by default, as the official LIBERO eval (center_crop=True)
+    assert np.array_equal(prepare_libero_image(quadrants()), cropped)
+
+
+def test_pil_images_are_taken_as_rgb_arrays():
+    rgb = quadrants()
+    assert np.array_equal(as_array(Image.fromarray(rgb)), rgb)
+    rgba = as_array(Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])))
+    assert rgba.shape == rgb.shape and np.array_equal(rgba, rgb)
+    grey = as_array(Image.fromarray(rgb[..., 0]))
+    assert grey.shape == rgb.shape and np.array_equal(grey[..., 0], rgb[..., 0])
+    assert as_array(rgb) is rgb
 
 
 def test_pixel_values_normalisation():

@@ -10,6 +10,7 @@ from rtloop.errors import InputError
 from rtloop.sim import DEFAULT_RECORDING, make_env
 from rtloop.sim.libero_env import SUITE_HORIZONS, horizon_for
 from rtloop.sim.replay import decode_frames, encode_frames
+from rtloop.sim.versions import PINNED_MUJOCO
 
 
 def test_committed_recording_is_small_and_complete():
@@ -18,6 +19,7 @@ def test_committed_recording_is_small_and_complete():
         assert str(data["suite"]) == "libero_object"
         assert len(data["frame_task_ids"]) >= 30
         assert len(data["task_ids"]) == len(data["instructions"]) >= 2
+        assert str(data["mujoco"]) == PINNED_MUJOCO  # rendered as the pinned LIBERO renders (LIBERO#88)
 
 
 def test_replay_serves_recorded_frames_in_order_and_loops():

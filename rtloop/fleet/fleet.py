@@ -1,0 +1,258 @@
+"""The fleet's parent: one inference task per policy replica (one, but one per GPU on Ray), one task per
+env worker, all in one task group.
+
+Each env worker ticks on its own clock and ships every frame it renders; its slot here keeps the newest
+unread one (a newer frame overwrites it and counts as dropped, as in the one-slot mailbox). The inference
+task takes the newest unread frame of every env that has one, oldest arrival first, up to the largest
+batch, runs ONE policy call on them (`act_batch` when the policy has it, else `act` per frame) and hands
+each env its action. It never waits for an env: an env that is slow only has no frame in the batch, and a
+message to a worker whose pipe is full is not sent (the action is stale by then anyway).
+
+A worker that dies (or sends nothing for `stall_s`) ends its episode with a `worker` error record; a new
+worker takes its next episode, and the other envs never notice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import anyio
+
+from rtloop import clock
+from rtloop.errors import InputError, RtloopError, WorkerError
+from rtloop.policy.base import Policy, PolicyOutput
+from rtloop.runtime.loop import one_line
+from rtloop.runtime.records import AlertRecord, EpisodeRecord, ErrorRecord, Fanout, InferenceRecord, TickRecord
+from rtloop.runtime.worker import WorkerThread
+from rtloop.sim.base import Observation
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 32)  # the batched engines' CUDA-graph batch sizes
+MAX_BATCH = BUCKETS[-1]
+STALL_S = 60.0  # an env worker silent this long in an episode is taken for dead (LIBERO ticks every 50 ms)
+
+
+@dataclass
+class PendingFrame:
+    """A frame a worker has shipped, not yet loaded: the image is copied out of the worker's shared
+    memory only when it goes into a batch (`load`, None when it was overwritten there first)."""
+
+    episode: int
+    seq: int
+    captured_at: float  # the worker's clock.now() when its env returned the frame
+    load: Callable[[], Observation | None]
+    arrived: float = field(default_factory=clock.now)
+
+
+class EnvLink(Protocol):
+    """The parent's end of one env worker (a local process, or a Ray actor)."""
+
+    pid: int | None
+
+    async def prepare(self, task: int, episode: int) -> tuple[Observation, dict]: ...
+    def start(self, task: int, episode: int) -> None: ...
+    def send_action(self, episode: int, seq: int, action: list[float], frame_time: float, dropped: int) -> bool: ...
+    def abort(self, episode: int, kind: str, message: str) -> None: ...
+    async def receive(self) -> list[tuple]: ...  # ("frame", PendingFrame) | ("record", kind, dict) | ("fatal", message)
+    def close(self) -> None: ...
+
+
+@dataclass
+class EnvSlot:
+    index: int
+    link: EnvLink | None = None
+    info: dict = field(default_factory=dict)  # instruction, suite, task, ... of the env it runs
+    first: tuple[int, int] | None = None  # the (task, episode) its worker was prepared for
+    episode: int | None = None  # in flight
+    pending: PendingFrame | None = None  # the newest unread frame
+    dropped: int = 0  # frames of this episode overwritten here unread
+    steps: int = 0  # ticks of this episode so far
+
+    def offer(self, frame: PendingFrame) -> None:
+        if self.pending is not None:
+            self.dropped += 1
+        self.pending = frame
+
+
+def take_batch(slots: list[EnvSlot], cap: int) -> list[tuple[EnvSlot, PendingFrame]]:
+    """The newest unread frame of every env that has one, up to `cap`; when more envs wait than fit, the
+    frames that arrived first go first, and the rest stay unread for the next batch."""
+    waiting = sorted((s for s in slots if s.pending is not None), key=lambda s: s.pending.arrived)[:cap]
+    batch = [(s, s.pending) for s in waiting]
+    for s in waiting:
+        s.pending = None
+    return batch
+
+
+def run_batch(policy: Policy, observations: list[Observation], instructions: list[str]) -> list[PolicyOutput]:
+    """One policy call for the batch: the policy's own `act_batch` when it has one, else one `act` per
+    frame (so any policy serves a fleet)."""
+    act_batch = getattr(policy, "act_batch", None)
+    if act_batch is not None:
+        return list(act_batch(observations, instructions))
+    return [policy.act(obs, text) for obs, text in zip(observations, instructions)]
+
+
+class Fleet:
+    def __init__(self, make_link: Callable[[int], EnvLink], envs: int, policies: list[tuple[Policy, WorkerThread]],
+                 sinks: Fanout, suite: str, max_batch: int = MAX_BATCH, stall_s: float = STALL_S) -> None:
+        self.make_link = make_link
+        self.slots = [EnvSlot(i, info={"suite": suite}) for i in range(envs)]
+        self.policies = policies
+        self.sinks = sinks
+        self.max_batch = max_batch
+        self.stall_s = stall_s
+        self.inference_seq = 0
+        self.todo: list[tuple[int, int]] = []
+        self.episodes: list[EpisodeRecord] = []
+        self._new_frame = anyio.Event()
+
+    # --- setup -------------------------------------------------------------------------------------------
+
+    async def prepare(self, assignments: list[tuple[int, int]]) -> Observation:
+        """Start the workers, build each env for its first (task, episode) and warm every policy replica
+        up on the first env's first frame. Returns that frame."""
+        self.todo = list(assignments)
+        firsts: dict[int, tuple[Observation, dict]] = {}
+
+        async def prepare_one(slot: EnvSlot) -> None:
+            slot.link = self.make_link(slot.index)
+            firsts[slot.index] = await slot.link.prepare(*slot.first)
+            slot.info.update(firsts[slot.index][1])
+
+        async with anyio.create_task_group() as tg:
+            for slot in self.slots[:len(self.todo)]:
+                slot.first = self.todo.pop(0)
+                tg.start_soon(prepare_one, slot)
+        obs, info = firsts[0]
+        async with anyio.create_task_group() as tg:
+            for policy, thread in self.policies:
+                tg.start_soon(thread.run, policy.warmup, obs, info["instruction"])
+        return obs
+
+    def close(self) -> None:
+        for slot in self.slots:
+            if slot.link is not None:
+                slot.link.close()
+                slot.link = None
+
+    # --- the run -----------------------------------------------------------------------------------------
+
+    async def run(self) -> list[EpisodeRecord]:
+        """Every assignment of prepare(), each on the next free env. Returns the episode records."""
+        async with anyio.create_task_group() as tg:
+            for policy, thread in self.policies:
+                tg.start_soon(self._inference_task, policy, thread)
+            async with anyio.create_task_group() as envs:
+                for slot in self.slots:
+                    if slot.first is not None:
+                        envs.start_soon(self._env_task, slot)
+            tg.cancel_scope.cancel()  # every env is done: stop the inference tasks
+        return self.episodes
+
+    async def _env_task(self, slot: EnvSlot) -> None:
+        assignment, slot.first = slot.first, None
+        while assignment is not None:
+            task, episode = assignment
+            try:
+                if slot.link is None:  # its worker died: a new one takes the next episode
+                    slot.link = self.make_link(slot.index)
+                    slot.info.update((await slot.link.prepare(task, episode))[1])
+                await self._run_episode(slot, task, episode)
+            except WorkerError as exc:
+                self._worker_failed(slot, task, episode, str(exc))
+            assignment = self.todo.pop(0) if self.todo else None
+
+    async def _run_episode(self, slot: EnvSlot, task: int, episode: int) -> None:
+        slot.episode, slot.pending, slot.dropped, slot.steps = episode, None, 0, 0
+        slot.link.start(task, episode)
+        try:
+            while True:
+                with anyio.move_on_after(self.stall_s) as timer:
+                    messages = await slot.link.receive()
+                if timer.cancelled_caught:
+                    raise WorkerError(f"env {slot.index}: its worker sent nothing for {self.stall_s:g} s")
+                for message in messages:
+                    if self._handle(slot, episode, message):
+                        return
+        finally:
+            slot.episode, slot.pending = None, None
+
+    def _handle(self, slot: EnvSlot, episode: int, message: tuple) -> bool:
+        """One message from a worker; True when it ends the episode."""
+        if message[0] == "frame":
+            frame: PendingFrame = message[1]
+            if frame.episode == episode:
+                slot.offer(frame)
+                self._new_frame.set()
+                self._new_frame = anyio.Event()
+            return False
+        if message[0] == "fatal":
+            raise InputError(message[1])
+        _, kind, record = message
+        if kind == "tick":
+            slot.steps = record["step"] + 1
+            self.sinks.on_record(TickRecord(**record))
+        elif kind == "error":
+            self.sinks.on_record(ErrorRecord(**record))
+        elif kind == "alert":
+            self.sinks.on_record(AlertRecord(**record))
+        elif kind == "episode":
+            rec = EpisodeRecord(**record)
+            self.episodes.append(rec)
+            self.sinks.on_record(rec)
+            return True
+        return False
+
+    def _worker_failed(self, slot: EnvSlot, task: int, episode: int, message: str) -> None:
+        log.error("rtloop: %s; episode %d ends on it, the fleet goes on", message, episode)
+        now = clock.now()
+        self.sinks.on_record(ErrorRecord(WorkerError.kind, message, now, episode, env=slot.index))
+        rec = EpisodeRecord(episode=episode, suite=slot.info["suite"], task_id=task, t_start=now, t_end=now,
+                            steps=slot.steps, success=False, error=f"{WorkerError.kind}: {message}", env=slot.index)
+        self.episodes.append(rec)
+        self.sinks.on_record(rec)
+        slot.link.close()
+        slot.link = None
+
+    async def _inference_task(self, policy: Policy, thread: WorkerThread) -> None:
+        while True:
+            t_wait = clock.now()
+            while not (batch := take_batch(self.slots, self.max_batch)):
+                await self._new_frame.wait()
+            items = []
+            for slot, frame in batch:
+                obs = frame.load()
+                if obs is None:  # overwritten in the worker's ring before it could be copied
+                    slot.dropped += 1
+                else:
+                    items.append((slot, frame, obs))
+            if not items:
+                continue
+            t_start = clock.now()
+            try:
+                outs = await thread.run(run_batch, policy, [obs for _, _, obs in items],
+                                        [slot.info["instruction"] for slot, _, _ in items])
+            except Exception as exc:  # every env of the batch ends its episode on it, as one env would
+                kind, message = one_line(exc) if isinstance(exc, RtloopError) else ("policy", f"{type(exc).__name__}: {exc}")
+                for slot, frame, _ in items:
+                    if slot.link is not None and slot.episode == frame.episode:
+                        slot.link.abort(frame.episode, kind, message)
+                continue
+            t_end = clock.now()
+            for i, ((slot, frame, _), out) in enumerate(zip(items, outs)):
+                self.inference_seq += 1
+                action = [float(x) for x in out.action]
+                if slot.link is not None and slot.episode == frame.episode:
+                    slot.link.send_action(frame.episode, self.inference_seq, action, frame.captured_at, slot.dropped)
+                self.sinks.on_record(InferenceRecord(
+                    episode=frame.episode, seq=self.inference_seq, frame_seq=frame.seq, frame_time=frame.captured_at,
+                    t_start=t_start, t_end=t_end, queue_wait_s=t_start - t_wait, frame_age_s=t_start - frame.captured_at,
+                    stages={k: float(v) for k, v in out.timings.items()}, action=action, env=slot.index,
+                    batch_size=len(items), batch_index=i,
+                ))
+                for alert in out.alerts:
+                    self.sinks.on_record(AlertRecord(alert.kind, alert.message, t_end, frame.episode, env=slot.index))

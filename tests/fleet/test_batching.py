@@ -1,0 +1,158 @@
+"""The fleet's batching and bookkeeping, with fakes: which frames go into a batch, how a policy without
+act_batch is served, and that a dead worker ends only its own episode."""
+
+from __future__ import annotations
+
+import anyio
+import numpy as np
+import pytest
+
+from rtloop.errors import WorkerError
+from rtloop.fleet.fleet import EnvSlot, Fleet, PendingFrame, run_batch, take_batch
+from rtloop.policy.base import PolicyOutput
+from rtloop.runtime.records import Fanout
+from rtloop.runtime.summary import RecordLog
+from rtloop.runtime.worker import WorkerThread
+from rtloop.sim.base import Observation
+
+
+def frame(episode: int, seq: int, arrived: float) -> PendingFrame:
+    return PendingFrame(episode, seq, captured_at=arrived, load=lambda: Observation(np.zeros((2, 2, 3), np.uint8)),
+                        arrived=arrived)
+
+
+def test_a_batch_takes_the_newest_unread_frame_of_each_env():
+    a, b, c = EnvSlot(0), EnvSlot(1), EnvSlot(2)
+    a.offer(frame(0, 1, arrived=1.0))
+    a.offer(frame(0, 2, arrived=3.0))  # overwrites the unread seq 1
+    b.offer(frame(0, 7, arrived=2.0))
+    batch = take_batch([a, b, c], cap=32)
+    assert [(s.index, f.seq) for s, f in batch] == [(1, 7), (0, 2)]  # first arrived, first in
+    assert a.dropped == 1 and b.dropped == 0
+    assert a.pending is None and b.pending is None
+    assert take_batch([a, b, c], cap=32) == []  # nothing unread is left
+
+
+def test_a_batch_is_capped_and_the_envs_left_out_keep_their_frames():
+    slots = [EnvSlot(i) for i in range(5)]
+    for i, s in enumerate(slots):
+        s.offer(frame(0, i, arrived=float(10 - i)))  # env 4 arrived first
+    batch = take_batch(slots, cap=2)
+    assert [s.index for s, _ in batch] == [4, 3]
+    assert [s.index for s in slots if s.pending is not None] == [0, 1, 2]
+    assert [s.index for s, _ in take_batch(slots, cap=2)] == [2, 1]
+
+
+class OneAtATime:
+    label, needs_images = "fake", True
+
+    def __init__(self):
+        self.calls = []
+
+    def warmup(self, obs, instruction):
+        pass
+
+    def act(self, obs, instruction):
+        self.calls.append(instruction)
+        return PolicyOutput(np.full(7, len(self.calls), float), np.zeros(7), {"generate": 0.001})
+
+
+class Batched(OneAtATime):
+    def act_batch(self, observations, instructions):
+        self.calls.append(list(instructions))
+        return [PolicyOutput(np.full(7, i, float), np.zeros(7), {}) for i in range(len(observations))]
+
+
+def test_a_policy_without_act_batch_is_called_once_per_frame_in_order():
+    obs = [Observation(None)] * 3
+    policy = OneAtATime()
+    outs = run_batch(policy, obs, ["a", "b", "c"])
+    assert policy.calls == ["a", "b", "c"] and [o.action[0] for o in outs] == [1, 2, 3]
+    batched = Batched()
+    assert len(run_batch(batched, obs, ["a", "b", "c"])) == 3 and batched.calls == [["a", "b", "c"]]
+
+
+class FakeLink:
+    """A worker that ticks `steps` times per episode, one frame per tick, and waits for nothing; with
+    die_after, it dies after that many ticks."""
+
+    def __init__(self, index: int, steps: int = 4, die_after: int | None = None):
+        self.index, self.steps, self.die_after, self.pid = index, steps, die_after, None
+        self.send, self.inbox = anyio.create_memory_object_stream(100)
+        self.actions: list[tuple] = []
+        self.closed = False
+
+    async def prepare(self, task, episode):
+        return Observation(np.zeros((2, 2, 3), np.uint8)), {"instruction": f"task {task}", "suite": "s", "label": "fake",
+                                                            "horizon": 10, "steps_limit": 10}
+
+    def start(self, task, episode):
+        for step in range(self.steps):
+            if self.die_after is not None and step == self.die_after:
+                self.send.send_nowait(("die",))
+                return
+            self.send.send_nowait(("frame", frame(episode, step, arrived=float(step))))
+            self.send.send_nowait(("record", "tick", tick(self.index, episode, step)))
+        self.send.send_nowait(("record", "episode", {"episode": episode, "suite": "s", "task_id": task, "t_start": 0.0,
+                                                     "t_end": 1.0, "steps": self.steps, "success": True,
+                                                     "env": self.index}))
+
+    def send_action(self, *action):
+        self.actions.append(action)
+        return True
+
+    def abort(self, *args):
+        raise AssertionError("no policy error here")
+
+    async def receive(self):
+        message = await self.inbox.receive()
+        if message[0] == "die":
+            raise WorkerError(f"env {self.index}: killed")
+        await anyio.sleep(0.001)  # let the inference task take frames between ticks
+        return [message]
+
+    def close(self):
+        self.closed = True
+
+
+def tick(env, episode, step):
+    return {"episode": episode, "step": step, "t_start": float(step), "t_end": step + 0.01, "deadline": float(step),
+            "interval_s": None, "overrun_s": 0.0, "lateness_s": 0.0, "step_s": 0.01, "physics_s": 0.0,
+            "render_s": 0.0, "action_source": "dummy", "action_seq": None, "action_age_s": None, "frame_seq": step + 1,
+            "frames_dropped_total": 0, "done": False, "success": False, "env": env}
+
+
+@pytest.mark.parametrize("policy", [OneAtATime(), Batched()], ids=["act", "act_batch"])
+def test_a_dead_worker_ends_only_its_episode_and_a_new_one_takes_the_next(policy):
+    links: list[FakeLink] = []
+
+    def make_link(index):
+        # env 1's first worker dies after 2 ticks; its replacement is healthy
+        link = FakeLink(index, die_after=2 if index == 1 and not any(l.index == 1 for l in links) else None)
+        links.append(link)
+        return link
+
+    log = RecordLog()
+    thread = WorkerThread("test-policy")
+    try:
+        fleet = Fleet(make_link, 3, [(policy, thread)], Fanout([log]), suite="s")
+
+        async def main():
+            await fleet.prepare([(0, e) for e in range(5)])
+            return await fleet.run()
+
+        episodes = anyio.run(main)
+    finally:
+        thread.close()
+    by_episode = {e.episode: e for e in episodes}
+    assert sorted(by_episode) == [0, 1, 2, 3, 4]
+    failed = [e for e in episodes if e.error]
+    assert [(e.episode, e.env, e.steps) for e in failed] == [(1, 1, 2)]
+    assert failed[0].error.startswith("worker: env 1")
+    assert [l.index for l in links].count(1) == 2 and links[1].closed  # replaced, the dead one closed
+    assert [(r["error_kind"], r["message"], r["env"]) for r in log.records if r["kind"] == "error"] == [
+        ("worker", "env 1: killed", 1)]
+    infs = [r for r in log.records if r["kind"] == "inference"]
+    assert {r["env"] for r in infs} == {0, 1, 2}
+    assert all(1 <= r["batch_size"] <= 3 for r in infs)
+    assert all(link.actions for link in links if link.die_after is None)  # every healthy env got actions
