@@ -22,7 +22,7 @@ from pathlib import Path
 from rtloop.errors import InputError
 
 ENV_OPTIONS = ("sim", "suite", "task", "seed", "replay")  # the env depends on these alone
-NOT_POLICY_OPTIONS = ("sim", "task", "replay", "rate", "max_steps", "sync")  # the policy on none of these
+NOT_POLICY_OPTIONS = ("sim", "task", "replay", "rate", "max_steps", "sync", "max_action_age")  # the policy on none of these
 
 
 def run_args(spec: dict, task: int) -> argparse.Namespace:

@@ -96,14 +96,15 @@ def test_a_dead_policy_child_is_reported_and_replaced(tiny_checkpoint):
     import numpy as np
 
     from rtloop.commands.policies import build_policy
-    from rtloop.commands.run import add_arguments
+    from rtloop.commands.run import add_arguments, validate
     from rtloop.errors import PolicyError
     from rtloop.sim.base import Observation
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--checkpoint", str(tiny_checkpoint), "--policy-process", "--device", "cpu"])
-    args.engine = "eager"
+    args = parser.parse_args(["--checkpoint", str(tiny_checkpoint), "--policy-process", "--device", "cpu",
+                              "--sim", "replay"])
+    validate(args)
     policy = build_policy(args, tiny_checkpoint, "cpu")
     obs = Observation(np.full((256, 256, 3), 90, np.uint8))
     try:
