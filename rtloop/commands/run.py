@@ -259,9 +259,6 @@ def _run(args: argparse.Namespace, terminated: list[int], on_sigterm) -> tuple[b
 
     validate(args)
     spec = args._policy_spec
-    mujoco_warning = mujoco_version_warning() if args.sim == "libero" else None
-    if mujoco_warning:  # once per run, after the input checks, before the load; the run header keeps it too
-        print(f"rtloop: warning: {mujoco_warning}", file=sys.stderr)
     device = args.device  # resolved by validate
     engine = spec.engine_label or args.engine
     virtual = args.clock == "virtual"
@@ -280,6 +277,9 @@ def _run(args: argparse.Namespace, terminated: list[int], on_sigterm) -> tuple[b
             sinks.append(prometheus)
         path = trace_path(args)
         checkpoint = resolve_checkpoint(args.checkpoint) if spec.kind == "openvla" else None
+        mujoco_warning = mujoco_version_warning() if args.sim == "libero" else None
+        if mujoco_warning:  # once, after the input checks (the checkpoint's too: bad input stays one line)
+            print(f"rtloop: warning: {mujoco_warning}", file=sys.stderr)
         # The env lives on the sim thread for its whole life (EGL contexts are per thread), the model on
         # the policy thread; both are built at once.
         sim_thread, policy_thread = WorkerThread("rtloop-sim"), WorkerThread("rtloop-policy")
