@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from rtloop import clock
+from rtloop.commands.device import resolve_device
 from rtloop.errors import InputError
 from rtloop.policy.base import STAGES
 from rtloop.policy.kernel_options import add_kernel_arguments, kernel_options_from_args
@@ -82,18 +83,6 @@ def parse_engines(engines: str | None, quant: str, device: str) -> list[str]:
     if len(set(names)) != len(names):
         raise InputError(f"--engines lists an engine twice: {','.join(names)}")
     return sorted(names, key=lambda n: split_engine_name(n)[1] != "none")  # bf16 first, stable otherwise
-
-
-def resolve_device(arg: str) -> str:
-    import torch
-
-    if arg == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if arg.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {arg}: CUDA is not available on this machine")
-    if not (arg == "cpu" or arg.startswith("cuda")):
-        raise InputError(f"--device {arg!r}: expected auto, cpu, cuda or cuda:N")
-    return arg
 
 
 class PolicyFactory:

@@ -26,7 +26,8 @@ import numpy as np
 
 from rtloop.fleet.fleet import Fleet
 from rtloop.policy.base import PolicyOutput
-from rtloop.runtime.loop import DUMMY_ACTION, Fanout
+from rtloop.runtime.loop import DUMMY_ACTION
+from rtloop.runtime.records import Fanout
 from rtloop.runtime.summary import RecordLog, summarize
 
 FIELDS = ("frame age", "inference", "action age", "tick lateness", "step", "queue wait")

@@ -22,7 +22,7 @@ if mode in ("driver-spin", "yield"):  # cudaSetDeviceFlags before the context ex
 
 from rtloop.policy.actions import ActionDetokenizer  # noqa: E402
 from rtloop.policy.guards import Guards  # noqa: E402
-from rtloop.profiling.ranges import timed_stage  # noqa: E402
+from rtloop.timing import timed_stage  # noqa: E402
 
 stats = {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]}}
 detokenize, guards = ActionDetokenizer(32064, 64, 256, stats), Guards()

@@ -7,10 +7,9 @@ A spec is a plain dict:
      "trace_dir": None}           # or a directory: each episode's trace as DIR/<cell>/task<T>-ep<E>.jsonl
 
 "run" holds `rtloop run` options by their argparse names; everything else takes `rtloop run`'s default.
-The env and the policy are built with `rtloop run`'s own factories (rtloop.runtime.command build_env,
-build_policy) and the episode runs on `Runtime.run_episode`, so a new runtime option reaches the sweep by
-naming it in "run". Options the runtime does not have yet are listed in NOT_YET_IN_RUNTIME: a sweep that
-asks for one is refused with one line naming the missing feature.
+The env and the policy are built with `rtloop run`'s own factories (rtloop.commands.run build_env,
+build_policy) and the episode runs on `Runtime.run_episode` with the run's clock and latency model, so a new
+runtime option reaches the sweep by naming it in "run".
 """
 
 from __future__ import annotations
@@ -22,27 +21,14 @@ from pathlib import Path
 
 from rtloop.errors import InputError
 
-# option -> the feature it needs. When the runtime gains one, delete its line here; if the loop takes
-# it outside `rtloop run`'s factories, pass it on in loop_config() below.
-NOT_YET_IN_RUNTIME = {
-    "clock": "the virtual clock (--clock virtual)",
-    "policy": "policies other than openvla (--policy)",
-}
 ENV_OPTIONS = ("sim", "suite", "task", "seed", "replay")  # the env depends on these alone
-NOT_POLICY_OPTIONS = ("sim", "task", "replay", "rate", "max_steps", "sync")  # the policy on none of these
-
-
-def check_spec(spec: dict) -> None:
-    missing = [NOT_YET_IN_RUNTIME[name] for name in spec["run"] if name in NOT_YET_IN_RUNTIME]
-    if missing:
-        raise InputError(f"{missing[0]} is not in the runtime yet; rtloop passes it through once `rtloop run` has it")
+NOT_POLICY_OPTIONS = ("sim", "task", "replay", "rate", "max_steps", "sync", "max_action_age")  # the policy on none of these
 
 
 def run_args(spec: dict, task: int) -> argparse.Namespace:
     """`rtloop run`'s arguments for this spec and task: its defaults, then the spec's options."""
-    from rtloop.runtime import command
+    from rtloop.commands import run as command
 
-    check_spec(spec)
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     args = parser.parse_args([])
@@ -58,7 +44,7 @@ def run_args(spec: dict, task: int) -> argparse.Namespace:
 def loop_config(args: argparse.Namespace):
     from rtloop.runtime.loop import LoopConfig
 
-    return LoopConfig(rate=args.rate, max_steps=args.max_steps, sync=args.sync)
+    return LoopConfig(rate=args.rate, max_steps=args.max_steps, sync=args.sync, max_action_age=args.max_action_age)
 
 
 def _options_key(args: argparse.Namespace, names) -> tuple:
@@ -79,7 +65,7 @@ class EpisodeRunner:
         self.policy_key: tuple | None = None
 
     def _prepare(self, args: argparse.Namespace, episode: int) -> None:
-        from rtloop.runtime import command
+        from rtloop.commands import run as command
 
         # The policy before the env: built the other way round, importing triton (the policy's kernels)
         # after a LIBERO env made its EGL context segfaults on the 2-core CPU machine (Mesa's software
@@ -94,7 +80,7 @@ class EpisodeRunner:
         env_key = _options_key(args, ENV_OPTIONS)
         if env_key != self.env_key:
             self._close_env()
-            self.env = self.sim_thread.call(command.build_env, args)
+            self.env = self.sim_thread.call(command.build_env, args, args._policy_spec.needs_images)
             self.env_key = env_key
         if new_policy:
             first = self.sim_thread.call(self.env.reset, episode)
@@ -103,8 +89,10 @@ class EpisodeRunner:
     def run(self, spec: dict, task: int, episode: int) -> dict:
         import anyio
 
-        from rtloop.runtime import command
-        from rtloop.runtime.loop import Fanout, Runtime
+        from rtloop.commands import run as command
+        from rtloop.clock import WALL, VirtualClock
+        from rtloop.runtime.loop import Runtime
+        from rtloop.runtime.records import Fanout, RunRecord
         from rtloop.runtime.summary import RecordLog
 
         args = run_args(spec, task)
@@ -118,14 +106,16 @@ class EpisodeRunner:
             sinks.append(TraceSink(trace_path(Path(spec["trace_dir"]), spec["cell"], task, episode)))
         fanout = Fanout(sinks)
         config = loop_config(args)
-        fanout.on_run_start({
-            "cell": spec["cell"], "rate": args.rate, "suite": self.env.suite, "task": task, "sync": args.sync,
+        fanout.on_record(RunRecord({
+            "cell": spec["cell"], "clock": args.clock, "rate": args.rate, "suite": self.env.suite, "task": task, "sync": args.sync,
             "policy": self.policy.label, "sim": self.env.label, "instruction": self.env.instruction,
             "horizon": self.env.horizon, "steps_limit": config.steps_limit(self.env.horizon),
             "latency": args._latency.describe(),
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not k.startswith("_")},
-        })
-        runtime = Runtime(self.env, self.policy, self.sim_thread, self.policy_thread, fanout, config)
+        }))
+        virtual = args.clock == "virtual"
+        runtime = Runtime(self.env, self.policy, self.sim_thread, self.policy_thread, fanout, config,
+                          clock=VirtualClock() if virtual else WALL, latency=args._latency if virtual else None)
         t0 = time.monotonic()
         try:
             anyio.run(runtime.run_episode, episode)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rtloop.errors import InputError
-from rtloop.eval.episode import check_spec, run_args
+from rtloop.eval.episode import run_args
 from rtloop.eval.grid import Key
 from rtloop.eval.pool import run_episodes
 from rtloop.eval.progress import Progress
@@ -76,10 +76,8 @@ def prepare_specs(cells: dict[str, dict], tasks: list[int], checkpoint: Path | N
     """The spec of every cell (see rtloop.eval.episode), after `rtloop run`'s own checks for each cell and
     task, before any worker starts. Resolving the checkpoint may generate the tiny random one, so it
     comes after the checks that need nothing."""
-    from rtloop.runtime import command
+    from rtloop.commands import run as command
 
-    for cell in cells.values():
-        check_spec(cell)
     resolved = str(command.resolve_checkpoint(checkpoint))
     specs = {}
     for name, cell in cells.items():

@@ -32,7 +32,7 @@ def check_envs(envs: int, cores: int, oversubscribe: bool, where: str = "this ma
 
 
 def validate_fleet(args: argparse.Namespace) -> None:
-    from rtloop.runtime import command
+    from rtloop.commands import run as command
 
     if args.envs is None:
         args.envs = 1
@@ -73,9 +73,10 @@ def main(args: argparse.Namespace) -> int:
     import anyio
 
     from rtloop.fleet.fleet import Fleet
-    from rtloop.runtime import command
+    from rtloop.commands import run as command
     from rtloop.runtime.live import LiveView, run_live_view
-    from rtloop.runtime.loop import Fanout, LoopConfig, first_error
+    from rtloop.runtime.loop import LoopConfig, first_error
+    from rtloop.runtime.records import Fanout, RunRecord
     from rtloop.runtime.summary import RecordLog, format_summary, summarize
     from rtloop.runtime.trace import TraceSink
 
@@ -123,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
             nonlocal live
             await fleet.prepare(assignments)
             info = fleet.slots[0].info
-            fanout.on_run_start({
+            fanout.on_record(RunRecord({
                 "rate": args.rate, "suite": args.suite, "task": args.task, "engine": args.engine, "sync": False,
                 "envs": envs, "backend": args.backend, "policy": label, "random_weights": "RANDOM WEIGHTS" in label,
                 "sim": info["label"], "instruction": info["instruction"], "horizon": info["horizon"],
@@ -133,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
                            for k, v in vars(args).items() if not k.startswith("_")},
                 "machine": command.machine(device), "versions": command.versions(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            })
+            }))
             async with anyio.create_task_group() as tg:
                 if not args.quiet:
                     live = LiveView(title, config.steps_limit(info["horizon"]), args.episodes)

@@ -23,8 +23,8 @@ import anyio
 from rtloop import clock
 from rtloop.errors import InputError, RtloopError, WorkerError
 from rtloop.policy.base import Policy, PolicyOutput
-from rtloop.runtime.loop import Fanout, one_line
-from rtloop.runtime.records import EpisodeRecord, InferenceRecord, TickRecord
+from rtloop.runtime.loop import one_line
+from rtloop.runtime.records import AlertRecord, EpisodeRecord, ErrorRecord, Fanout, InferenceRecord, TickRecord
 from rtloop.runtime.worker import WorkerThread
 from rtloop.sim.base import Observation
 
@@ -195,26 +195,26 @@ class Fleet:
         _, kind, record = message
         if kind == "tick":
             slot.steps = record["step"] + 1
-            self.sinks.on_tick(TickRecord(**record))
+            self.sinks.on_record(TickRecord(**record))
         elif kind == "error":
-            self.sinks.on_error(record["kind"], record["message"])
+            self.sinks.on_record(ErrorRecord(**record))
         elif kind == "alert":
-            self.sinks.on_alert(record["kind"], record["message"])
+            self.sinks.on_record(AlertRecord(**record))
         elif kind == "episode":
             rec = EpisodeRecord(**record)
             self.episodes.append(rec)
-            self.sinks.on_episode(rec)
+            self.sinks.on_record(rec)
             return True
         return False
 
     def _worker_failed(self, slot: EnvSlot, task: int, episode: int, message: str) -> None:
         log.error("rtloop: %s; episode %d ends on it, the fleet goes on", message, episode)
-        self.sinks.on_error(WorkerError.kind, message)
         now = clock.now()
+        self.sinks.on_record(ErrorRecord(WorkerError.kind, message, now, episode, env=slot.index))
         rec = EpisodeRecord(episode=episode, suite=slot.info["suite"], task_id=task, t_start=now, t_end=now,
                             steps=slot.steps, success=False, error=f"{WorkerError.kind}: {message}", env=slot.index)
         self.episodes.append(rec)
-        self.sinks.on_episode(rec)
+        self.sinks.on_record(rec)
         slot.link.close()
         slot.link = None
 
@@ -248,11 +248,11 @@ class Fleet:
                 action = [float(x) for x in out.action]
                 if slot.link is not None and slot.episode == frame.episode:
                     slot.link.send_action(frame.episode, self.inference_seq, action, frame.captured_at, slot.dropped)
-                self.sinks.on_inference(InferenceRecord(
+                self.sinks.on_record(InferenceRecord(
                     episode=frame.episode, seq=self.inference_seq, frame_seq=frame.seq, frame_time=frame.captured_at,
                     t_start=t_start, t_end=t_end, queue_wait_s=t_start - t_wait, frame_age_s=t_start - frame.captured_at,
                     stages={k: float(v) for k, v in out.timings.items()}, action=action, env=slot.index,
                     batch_size=len(items), batch_index=i,
                 ))
                 for alert in out.alerts:
-                    self.sinks.on_alert(alert.kind, alert.message)
+                    self.sinks.on_record(AlertRecord(alert.kind, alert.message, t_end, frame.episode, env=slot.index))

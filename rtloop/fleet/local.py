@@ -128,7 +128,7 @@ class LocalBackend:
     """Env workers as local processes; the policy in this process, on its own thread."""
 
     def __init__(self, spec: dict, log_path: str | None, build, build_args: tuple) -> None:
-        """build(*build_args) -> Policy runs on the policy thread (rtloop.runtime.command.build_policy)."""
+        """build(*build_args) -> Policy runs on the policy thread (rtloop.commands.policies.build_policy)."""
         from rtloop.runtime.worker import WorkerThread
 
         self.spec, self.log_path = spec, log_path

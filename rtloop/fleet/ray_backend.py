@@ -227,7 +227,7 @@ class RayBackend:
     """Env actors and policy actors on a Ray cluster (started here when there is no --address)."""
 
     def __init__(self, device: str, spec: dict, envs: int, build, build_args: tuple) -> None:
-        """build(*build_args) -> Policy runs in each policy actor (rtloop.runtime.command.build_policy)."""
+        """build(*build_args) -> Policy runs in each policy actor (rtloop.commands.policies.build_policy)."""
         import ray
 
         from rtloop.runtime.worker import WorkerThread

@@ -2,7 +2,7 @@
 rtloop.fleet.ray_backend). The sim task is the single-env runtime's own (`Runtime.run_episode`): its own
 pacer and deadlines, its own latest-frame mailbox, the newest action it has applied fresh, held or dummy.
 What differs is the mailbox's consumer: instead of running the policy it ships each frame to the fleet's
-inference task, and the actions that come back set the runtime's `latest`.
+inference task, and the actions that come back reach the runtime's action selector (`Runtime.offer`).
 
 The transport is a `Link`: `ship(episode, frame)` and `emit(kind, record)` outward; the worker's
 `on_action` and `on_abort` inward.
@@ -21,9 +21,10 @@ import anyio
 import numpy as np
 
 from rtloop.errors import PolicyError
-from rtloop.runtime.loop import Action, Fanout, LoopConfig, Runtime
+from rtloop.runtime.loop import Action, LoopConfig, Runtime
 from rtloop.runtime.mailbox import Frame, LatestFrameMailbox
-from rtloop.runtime.records import EpisodeRecord, InferenceRecord, TickRecord, to_dict
+from rtloop.runtime.records import (AlertRecord, EpisodeRecord, ErrorRecord, Fanout, InferenceRecord, Record,
+                                    TickRecord, to_dict)
 from rtloop.runtime.worker import WorkerThread
 
 log = logging.getLogger(__name__)
@@ -40,30 +41,18 @@ class LinkSink:
     def __init__(self, link: Link, env_index: int) -> None:
         self.link, self.env_index = link, env_index
 
-    def on_run_start(self, info: dict) -> None:
-        pass
-
-    def on_tick(self, rec: TickRecord) -> None:
-        self.link.emit("tick", to_dict(rec))
-
-    def on_inference(self, rec: InferenceRecord) -> None:  # a worker runs no policy
-        raise AssertionError("an env worker makes no inference records")
-
-    def on_episode(self, rec: EpisodeRecord) -> None:
-        self.link.emit("episode", to_dict(rec))
-
-    def on_error(self, kind: str, message: str) -> None:
-        self.link.emit("error", {"kind": kind, "message": message, "env": self.env_index})
-
-    def on_alert(self, kind: str, message: str) -> None:
-        self.link.emit("alert", {"kind": kind, "message": message})
+    def on_record(self, record: Record) -> None:
+        if isinstance(record, InferenceRecord):  # a worker runs no policy
+            raise AssertionError("an env worker makes no inference records")
+        if isinstance(record, (TickRecord, EpisodeRecord, ErrorRecord, AlertRecord)):
+            self.link.emit(record.kind, to_dict(record))
 
     def close(self) -> None:
         pass
 
 
 def env_args(spec: dict, task: int) -> argparse.Namespace:
-    """`rtloop run`'s env options for one task (see rtloop.runtime.command.build_env)."""
+    """`rtloop run`'s env options for one task (see rtloop.commands.run.build_env)."""
     replay = spec.get("replay")
     return argparse.Namespace(sim=spec["sim"], suite=spec["suite"], task=task, seed=spec["seed"],
                               replay=None if replay is None else Path(replay))
@@ -89,7 +78,7 @@ class EnvWorker:
         """Build the env for `task` (if it has another one) and return its first frame of `episode`:
         the parent warms the policy up on it. Blocking: runs before the worker's event loop."""
         from rtloop import clock
-        from rtloop.runtime import command
+        from rtloop.commands import run as command
 
         if self.task != task:
             if self.env is not None:
@@ -119,7 +108,6 @@ class EnvWorker:
             self.episode, self.mailbox = episode, LatestFrameMailbox()
             self._reported_dropped = 0
             self._abort = anyio.Event()
-            self.runtime.latest = None
             await self.runtime.run_episode(episode, self.mailbox, self._consume)
         except InputError as exc:
             self.link.emit("fatal", {"message": str(exc)})
@@ -141,7 +129,7 @@ class EnvWorker:
         this env's tick records count every drop, wherever it happened."""
         if episode != self.episode:  # computed from a frame of an episode that is over
             return
-        self.runtime.latest = Action(np.asarray(value, dtype=np.float64), seq, frame_time)
+        self.runtime.offer(Action(np.asarray(value, dtype=np.float64), seq, frame_time))
         self.mailbox.dropped += dropped - self._reported_dropped
         self._reported_dropped = dropped
 

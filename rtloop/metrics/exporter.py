@@ -22,7 +22,9 @@ from prometheus_client.exposition import start_http_server
 
 from rtloop import errors
 from rtloop.errors import MetricsError
-from rtloop.runtime.records import EpisodeRecord, InferenceRecord, TickRecord
+from rtloop.policy.base import ALERT_KINDS, STAGES
+from rtloop.runtime.records import (ACTION_SOURCES, AlertRecord, EpisodeRecord, ErrorRecord, InferenceRecord,
+                                    Record, RunRecord, TickRecord)
 
 # Tuned for 1 ms .. 1 s, dense around a 20 Hz tick (50 ms) and a 10 Hz one, with sub-millisecond buckets for
 # tick lateness (jitter is usually well under 1 ms) and a tail for CPU runs of the full model.
@@ -34,9 +36,7 @@ LATENCY_BUCKETS = (
 # A fleet's policy call takes 1..32 frames; the batched engines have CUDA graphs for these sizes.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 
-INFERENCE_STAGES = ("processor", "generate", "detokenize")
 SIM_STAGES = ("step", "render", "physics")
-ACTION_SOURCES = ("fresh", "held", "dummy")
 RUN_LABELS = ("suite", "task", "engine")
 
 # Error and alert kinds become label values; anything beyond this many distinct kinds is counted as "other",
@@ -56,7 +56,10 @@ def _error_kinds() -> list[str]:
 
 
 def policy_kind(info: dict) -> str:
-    """'random' or 'real': the one fact about the policy worth a label (its full label is unbounded)."""
+    """'random' or 'real' weights, or 'expert' / 'remote': the one fact about the policy worth a label (its
+    full label is unbounded)."""
+    if info.get("policy_kind") in ("expert", "remote"):
+        return info["policy_kind"]
     if "random_weights" in info:
         return "random" if info["random_weights"] else "real"
     return "random" if "random" in str(info.get("policy", "")).lower() else "real"
@@ -88,7 +91,7 @@ class PrometheusSink:
         def histogram(name, doc, extra=()):
             return Histogram(name, doc, [*L, *extra], registry=r, buckets=LATENCY_BUCKETS)
 
-        # Metric families, labelled by run; on_run_start binds the run's labels once so a record costs
+        # Metric families, labelled by run; the run record binds the run's labels once so a record costs
         # only the observations themselves.
         self._run_info = gauge("rtloop_run_info", "Always 1; labels describe the run", ["policy", "mode"])
         self._rate = gauge("rtloop_configured_rate_hertz", "Tick rate the sim was asked to run at")
@@ -118,7 +121,7 @@ class PrometheusSink:
 
         self._ticks = counter("rtloop_ticks", "Sim ticks")
         self._overruns = counter("rtloop_tick_overruns", "Ticks that ran past their budget")
-        self._actions = counter("rtloop_actions", "Actions applied, by source (fresh, held, dummy)", ["source"])
+        self._actions = counter("rtloop_actions", "Actions applied, by source (fresh, held, dummy, stop)", ["source"])
         self._dropped = counter("rtloop_frames_dropped", "Frames overwritten unread in the mailbox")
         self._inferences = counter("rtloop_inferences", "Completed inferences")
         self._episodes = counter("rtloop_episodes", "Finished episodes")
@@ -126,14 +129,33 @@ class PrometheusSink:
         self._errors = counter("rtloop_errors", "Errors, by kind", ["kind"])
         self._alerts = counter("rtloop_alerts", "Silent-failure alerts raised by the policy, by kind", ["kind"])
 
-        self._run: dict | None = None  # the run's labels and its bound children, set by on_run_start
+        self._run: dict | None = None  # the run's labels and its bound children, set by the run record
         self._dropped_seen: dict[int, int] = {}  # env -> its last running total of dropped frames
         self._kinds_seen: dict[str, set[str]] = {"errors": set(), "alerts": set()}
-        self._kinds_lock = threading.Lock()  # on_error/on_alert may come from either task's thread
+        self._kinds_lock = threading.Lock()  # errors and alerts may come from either task's thread
 
     # --- Sink protocol -------------------------------------------------------------------------------
 
-    def on_run_start(self, info: dict) -> None:
+    def on_record(self, record: Record) -> None:
+        if isinstance(record, TickRecord):
+            self._on_tick(record)
+        elif isinstance(record, InferenceRecord):
+            self._on_inference(record)
+        elif isinstance(record, EpisodeRecord):
+            self._on_episode(record)
+        elif isinstance(record, ErrorRecord):
+            self._count_kind("errors", record.error_kind)
+        elif isinstance(record, AlertRecord):  # a silent failure the policy or the runtime suspects
+            self._count_kind("alerts", record.alert_kind)
+        elif isinstance(record, RunRecord):
+            self._on_run_start(record.info)
+
+    def close(self) -> None:
+        """Nothing to flush: the registry lives as long as the sink. The HTTP server is closed by its owner."""
+
+    # --- helpers -------------------------------------------------------------------------------------
+
+    def _on_run_start(self, info: dict) -> None:
         """info: rate (Hz), suite, task (id), engine, policy (its label), and optionally random_weights (bool)
         and sync (bool). Creates every series up front, at 0, so dashboards show 0 rather than no data."""
         labels = {
@@ -153,7 +175,7 @@ class PrometheusSink:
                 "action_age", "ticks", "overruns", "dropped", "inferences", "episodes", "successes",
             )}
         )
-        self._run["stage"] = {s: self._stage.labels(**labels, stage=s) for s in (*INFERENCE_STAGES, *SIM_STAGES)}
+        self._run["stage"] = {s: self._stage.labels(**labels, stage=s) for s in (*STAGES, *SIM_STAGES)}
         self._run["actions"] = {s: self._actions.labels(**labels, source=s) for s in ACTION_SOURCES}
         envs = int(info.get("envs", 1))
         self._envs.labels(**labels).set(envs)
@@ -161,14 +183,12 @@ class PrometheusSink:
         self._run["env_actions"] = [{s: self._env_actions.labels(**labels, env=str(e), source=s)
                                      for s in ACTION_SOURCES} for e in range(envs)]
         self._run["env_action_age"] = [self._env_action_age.labels(**labels, env=str(e)) for e in range(envs)]
-        from rtloop.policy.guards import ALERT_KINDS  # here, not at the top: it imports torch
-
         for kind in _error_kinds():
             self._count_kind("errors", kind, 0)
         for kind in (*ALERT_KINDS, "other"):
             self._count_kind("alerts", kind, 0)
 
-    def on_tick(self, rec: TickRecord) -> None:
+    def _on_tick(self, rec: TickRecord) -> None:
         run = self._bound()
         run["episode"].set(rec.episode)
         run["step"].set(rec.step)
@@ -195,7 +215,7 @@ class PrometheusSink:
             run["dropped"].inc(fresh_drops)
         self._dropped_seen[rec.env] = rec.frames_dropped_total
 
-    def on_inference(self, rec: InferenceRecord) -> None:
+    def _on_inference(self, rec: InferenceRecord) -> None:
         run = self._bound()
         run["inferences"].inc()
         run["inference"].observe(rec.t_end - rec.t_start)
@@ -204,30 +224,18 @@ class PrometheusSink:
         if rec.batch_index == 0:  # one observation per policy call
             run["batch_size"].observe(rec.batch_size)
         for stage, seconds in rec.stages.items():
-            if stage in INFERENCE_STAGES:
+            if stage in STAGES:
                 run["stage"][stage].observe(seconds)
 
-    def on_episode(self, rec: EpisodeRecord) -> None:
+    def _on_episode(self, rec: EpisodeRecord) -> None:
         run = self._bound()
         run["episodes"].inc()
         if rec.success:
             run["successes"].inc()
 
-    def on_error(self, kind: str, message: str) -> None:
-        self._count_kind("errors", kind)
-
-    def on_alert(self, kind: str, message: str) -> None:
-        """A silent failure the policy detected (e.g. the same action for every frame)."""
-        self._count_kind("alerts", kind)
-
-    def close(self) -> None:
-        """Nothing to flush: the registry lives as long as the sink. The HTTP server is closed by its owner."""
-
-    # --- helpers -------------------------------------------------------------------------------------
-
     def _bound(self) -> dict:
         if self._run is None:
-            raise RuntimeError("PrometheusSink: on_run_start must be called before any record")
+            raise RuntimeError("PrometheusSink: the run record must come before any other")
         return self._run
 
     def _count_kind(self, family: str, kind: str, amount: float = 1) -> None:

@@ -13,12 +13,16 @@ from rtloop.sim.base import Observation
 
 STAGES = ("processor", "generate", "detokenize")
 
+# Every Alert.kind (bounded label values): the policy guards' (rtloop.policy.guards says why each exists), and
+# the runtime's stale_action (an action older than --max-action-age was due: the sim stopped the arm).
+ALERT_KINDS = ("blank_frame", "prompt", "unnorm_key", "constant_action", "image_orientation", "stale_action")
+
 
 @dataclass
 class Alert:
-    """A suspected silent failure (rtloop.policy.guards says which kinds exist and why)."""
+    """A suspected silent failure."""
 
-    kind: str  # a bounded label value
+    kind: str  # one of ALERT_KINDS
     message: str
     time: float = field(default_factory=clock.now)
 

@@ -29,8 +29,6 @@ from rtloop.policy.processor import PROMPT_TEMPLATE
 
 log = logging.getLogger("rtloop")
 
-ALERT_KINDS = ("blank_frame", "prompt", "unnorm_key", "constant_action", "image_orientation")
-
 BLANK_MEAN = 2.0  # pixel mean (0..255) below which a frame counts as black
 BLANK_STD = 1.0  # pixel std below which a frame counts as constant
 LIBERO_MIN_TRANSLATION_SPAN = 0.3  # LIBERO's q99 - q01 is ~1.5-1.9 per translation axis; Bridge's ~0.06

@@ -48,7 +48,7 @@ from rtloop.policy.processor import (
     tokenize_prompt,
 )
 from rtloop.policy.tokenizer import load_tokenizer
-from rtloop.profiling.ranges import timed_stage
+from rtloop.timing import timed_stage
 from rtloop.sim.base import Observation
 
 log = logging.getLogger("rtloop")

@@ -1,7 +1,7 @@
 """The torch profiler around a few inference calls, exported as a Chrome/Perfetto trace.
 
 Stages appear under their own names (processor, generate, detokenize) because the policy times them with
-rtloop.profiling.ranges.timed_stage, which opens a record_function range (and an NVTX range on CUDA) per
+rtloop.timing.timed_stage, which opens a record_function range (and an NVTX range on CUDA) per
 stage. Open the JSON in ui.perfetto.dev or chrome://tracing.
 
 On a GPU machine, without LIBERO and without a checkpoint on disk:
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from rtloop.bench import PolicyFactory, resolve_device
+    from rtloop.bench import PolicyFactory
+    from rtloop.commands.device import resolve_device
     from rtloop.policy.engines import build_engine
 
     device = resolve_device(args.device)

@@ -13,7 +13,7 @@ import anyio
 import numpy as np
 
 from rtloop import clock
-from rtloop.runtime.records import EpisodeRecord, InferenceRecord, TickRecord
+from rtloop.runtime.records import AlertRecord, EpisodeRecord, ErrorRecord, InferenceRecord, Record, TickRecord
 
 WINDOW = 40  # recent ticks / inferences the rates and medians are taken over
 
@@ -46,36 +46,29 @@ class LiveView:
         self.errors = 0
         self.last_error = ""
 
-    # Sink protocol
-    def on_run_start(self, info: dict) -> None:
-        pass
-
-    def on_tick(self, rec: TickRecord) -> None:
-        self.episode, self.step = rec.episode, rec.step + 1
-        self.tick_times.append(rec.t_start)
-        self.sources.append(rec.action_source)
-        self.step_s.append(rec.step_s)
-        self.render_s.append(rec.render_s)
-        self.lateness_s.append(rec.lateness_s)
-        self.dropped = rec.frames_dropped_total
-
-    def on_inference(self, rec: InferenceRecord) -> None:
-        self.inference_times.append(rec.t_end)
-        for name, value in rec.stages.items():
-            self.stages.setdefault(name, deque(maxlen=WINDOW)).append(value)
-
-    def on_episode(self, rec: EpisodeRecord) -> None:
-        self.episodes_done += 1
-        self.successes += rec.success
-        self.tick_times.clear()
-        self.inference_times.clear()
-
-    def on_error(self, kind: str, message: str) -> None:
-        self.errors += 1
-        self.last_error = f"{kind}: {message}"
-
-    def on_alert(self, kind: str, message: str) -> None:
-        self.last_error = f"alert {kind}: {message}"
+    def on_record(self, record: Record) -> None:
+        if isinstance(record, TickRecord):
+            self.episode, self.step = record.episode, record.step + 1
+            self.tick_times.append(record.t_start)
+            self.sources.append(record.action_source)
+            self.step_s.append(record.step_s)
+            self.render_s.append(record.render_s)
+            self.lateness_s.append(record.lateness_s)
+            self.dropped = record.frames_dropped_total
+        elif isinstance(record, InferenceRecord):
+            self.inference_times.append(record.t_end)
+            for name, value in record.stages.items():
+                self.stages.setdefault(name, deque(maxlen=WINDOW)).append(value)
+        elif isinstance(record, EpisodeRecord):
+            self.episodes_done += 1
+            self.successes += record.success
+            self.tick_times.clear()
+            self.inference_times.clear()
+        elif isinstance(record, ErrorRecord):
+            self.errors += 1
+            self.last_error = f"{record.error_kind}: {record.message}"
+        elif isinstance(record, AlertRecord):
+            self.last_error = f"alert {record.alert_kind}: {record.message}"
 
     def close(self) -> None:
         pass

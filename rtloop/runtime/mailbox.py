@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import anyio
+import anyio.lowlevel
 
 from rtloop.sim.base import Observation
 
@@ -39,8 +40,18 @@ class LatestFrameMailbox:
         self._new_frame = anyio.Event()
 
     async def get(self) -> Frame:
+        """Always a cancellation point, even when a frame is waiting: an episode's end or a signal stops the
+        inference loop here rather than after one more inference."""
+        await anyio.lowlevel.checkpoint()
         while not self._unread:
             await self._new_frame.wait()
+        return self._take()
+
+    def take_nowait(self) -> Frame | None:
+        """The unread frame, or None (the virtual clock's event loop never waits for one)."""
+        return self._take() if self._unread else None
+
+    def _take(self) -> Frame:
         self._unread = False
         assert self._frame is not None
         return self._frame

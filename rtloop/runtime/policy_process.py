@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import signal
+import sys
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from typing import Any, Callable
@@ -24,10 +25,15 @@ from rtloop.errors import PolicyError, RtloopError
 from rtloop.policy.base import PolicyOutput
 from rtloop.sim.base import Observation
 
+CLOSE_WAIT_S = 2.0  # for the child to finish its call in flight and exit on its own before it is killed
+
 
 def _serve(conn: Connection, build: Callable[..., Any], build_args: tuple) -> None:
     """The child: build the policy, then answer requests until told to stop (None)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
+    # Ctrl-C (and a SIGTERM to the group) reaches every process; the parent decides, and stops the child by
+    # closing the pipe: no traceback from here, and the parent unlinks the shared memory.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         policy = build(*build_args)
     except BaseException as exc:
@@ -60,14 +66,19 @@ def _portable(exc: BaseException) -> BaseException:
 class ProcessPolicy:
     def __init__(self, build: Callable[..., Any], *build_args) -> None:
         """build(*build_args) -> Policy runs in the child (both must be picklable: spawn, not fork, because
-        the parent has threads and maybe CUDA)."""
+        the parent has threads and maybe CUDA). A child that dies is reported as such by the call that
+        finds it dead (that episode ends on the error); the next call starts a new child."""
+        self._build, self._build_args = build, build_args
+        self._block: shared_memory.SharedMemory | None = None
+        self._start()
+
+    def _start(self) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
-        self._process = ctx.Process(target=_serve, args=(child_conn, build, build_args), name="rtloop-policy",
-                                    daemon=True)
+        self._process = ctx.Process(target=_serve, args=(child_conn, self._build, self._build_args),
+                                    name="rtloop-policy", daemon=True)
         self._process.start()
         child_conn.close()
-        self._block: shared_memory.SharedMemory | None = None
         try:
             label, self.needs_images = self._receive()
             self.label = f"{label} [own process]"
@@ -75,16 +86,28 @@ class ProcessPolicy:
             self.close()
             raise
 
+    def _died(self) -> PolicyError:
+        self._process.join(timeout=5)
+        code = self._process.exitcode
+        if code is not None and code < 0:
+            return PolicyError(f"policy process died (signal {-code})")
+        return PolicyError(f"policy process exited (exit code {code})")
+
     def _receive(self):
         try:
             status, payload = self._conn.recv()
-        except EOFError:
-            raise PolicyError(f"the policy process exited (exit code {self._process.exitcode})") from None
+        except (EOFError, OSError):  # the pipe broke: the child is gone
+            raise self._died() from None
         if status == "error":
             raise payload
         return payload
 
     def _call(self, method: str, obs: Observation, instruction: str):
+        if not self._process.is_alive():
+            self._conn.close()
+            self._process.join()
+            print("rtloop: the policy process had died: starting a new one", file=sys.stderr)
+            self._start()
         block_name, shape = None, None
         if obs.image is not None:
             frame = np.ascontiguousarray(obs.image, dtype=np.uint8)
@@ -95,7 +118,10 @@ class ProcessPolicy:
                 self._block = shared_memory.SharedMemory(create=True, size=frame.nbytes)
             np.ndarray(frame.shape, dtype=np.uint8, buffer=self._block.buf)[...] = frame
             block_name, shape = self._block.name, frame.shape
-        self._conn.send((method, block_name, shape, obs.state, instruction))
+        try:
+            self._conn.send((method, block_name, shape, obs.state, instruction))
+        except OSError:
+            raise self._died() from None
         return self._receive()
 
     def act(self, obs: Observation, instruction: str) -> PolicyOutput:
@@ -108,10 +134,10 @@ class ProcessPolicy:
         if self._process.is_alive():
             try:
                 self._conn.send(None)
-            except (BrokenPipeError, OSError):
+            except OSError:
                 pass
-            self._process.join(timeout=30)
-            if self._process.is_alive():
+            self._process.join(timeout=CLOSE_WAIT_S)
+            if self._process.is_alive():  # still in a call (a long injected delay): it holds nothing to save
                 self._process.kill()
                 self._process.join()
         self._conn.close()

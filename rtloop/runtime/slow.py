@@ -16,7 +16,7 @@ How the padding is spent is a knob for the GIL study:
 from __future__ import annotations
 
 import hashlib
-import time
+import threading
 
 from rtloop import clock
 from rtloop.policy.base import Policy, PolicyOutput
@@ -28,6 +28,11 @@ MODES = ("sleep", "spin-gil", "spin-nogil")
 _BURN = bytes(1 << 16)  # hashing 64 KiB takes ~0.1 ms with the GIL released
 
 
+def sleep(closed: threading.Event, seconds: float) -> None:
+    """Sleep, unless the policy is closed meanwhile (then return at once)."""
+    closed.wait(seconds)
+
+
 class SlowPolicy:
     def __init__(self, inner: Policy, latency: LatencyModel, mode: str = "sleep") -> None:
         assert mode in MODES
@@ -36,6 +41,7 @@ class SlowPolicy:
         self.mode = mode
         self.calls = 0  # the index of the next latency sample
         self.label = f"{inner.label}, latency padded to {latency.label} ({mode})"
+        self._closed = threading.Event()  # close() cuts a delay in flight short: a run's exit never waits it out
 
     @property
     def needs_images(self) -> bool:
@@ -49,12 +55,12 @@ class SlowPolicy:
         self.calls += 1
         until = t_call + target
         if self.mode == "sleep":
-            time.sleep(max(0.0, until - t0))
+            sleep(self._closed, max(0.0, until - t0))
         elif self.mode == "spin-gil":
-            while clock.now() < until:
+            while clock.now() < until and not self._closed.is_set():
                 pass
         else:
-            while clock.now() < until:
+            while clock.now() < until and not self._closed.is_set():
                 hashlib.sha256(_BURN).digest()
         out.timings["injected_delay"] = clock.now() - t0
         return out
@@ -63,4 +69,5 @@ class SlowPolicy:
         self.inner.warmup(obs, instruction)
 
     def close(self) -> None:
+        self._closed.set()
         self.inner.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rtloop.runtime.records import EpisodeRecord, InferenceRecord, TickRecord, to_dict
+from rtloop.runtime.records import Record, RunRecord, to_dict
 
 # (row name, record kind, field) in table order. Inference stages come from each record's `stages`.
 TICK_FIELDS = [
@@ -30,23 +30,11 @@ class RecordLog:
         self.info: dict = {}
         self.records: list[dict] = []
 
-    def on_run_start(self, info: dict) -> None:
-        self.info = info
-
-    def on_tick(self, rec: TickRecord) -> None:
-        self.records.append(to_dict(rec))
-
-    def on_inference(self, rec: InferenceRecord) -> None:
-        self.records.append(to_dict(rec))
-
-    def on_episode(self, rec: EpisodeRecord) -> None:
-        self.records.append(to_dict(rec))
-
-    def on_error(self, kind: str, message: str) -> None:
-        self.records.append({"kind": "error", "error_kind": kind, "message": message})
-
-    def on_alert(self, kind: str, message: str) -> None:
-        self.records.append({"kind": "alert", "alert_kind": kind, "message": message})
+    def on_record(self, record: Record) -> None:
+        if isinstance(record, RunRecord):
+            self.info = record.info
+        else:
+            self.records.append(to_dict(record))
 
     def close(self) -> None:
         pass
@@ -135,6 +123,7 @@ def summarize(records: list[dict]) -> dict:
         "fresh_fraction": sources.count("fresh") / len(sources) if sources else None,
         "held": sources.count("held"),
         "dummy": sources.count("dummy"),
+        "stop": sources.count("stop"),
         "frames_dropped": frames_dropped(ticks),
         "overruns": sum(1 for r in ticks if r["overrun_s"] > 0),
         "episodes": [
@@ -163,7 +152,7 @@ def format_summary(summary: dict, title: str = "") -> str:
     lines.append(
         f"sim {_num(summary['sim_hz'], '.1f')} Hz  inference {_num(summary['inference_hz'], '.2f')} Hz  "
         f"fresh {_num(None if fresh is None else 100 * fresh, '.0f')}%  held {summary['held']}  "
-        f"dummy {summary['dummy']}  dropped frames {summary['frames_dropped']}  overruns {summary['overruns']}"
+        f"dummy {summary['dummy']}  stop {summary['stop']}  dropped frames {summary['frames_dropped']}  overruns {summary['overruns']}"
     )
     fleet = summary.get("fleet")
     if fleet and fleet["envs"] > 1:

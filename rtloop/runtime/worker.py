@@ -9,12 +9,11 @@ modes. So the env is created, stepped and closed on one thread, and the policy r
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
 
 T = TypeVar("T")
 
@@ -24,21 +23,26 @@ class WorkerThread:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
     async def run(self, fn: Callable[..., T], *args) -> T:
-        """Run fn(*args) on this thread and wait for it. A blocking call cannot be interrupted, so a
-        cancellation (end of episode, Ctrl-C) waits for the call in flight: no call outlives its caller,
-        and the env is never closed while a step is still running."""
-        token = anyio.lowlevel.current_token()
+        """Run fn(*args) on this thread and wait for it. A blocking call cannot be interrupted: on
+        cancellation (end of episode, a signal) the caller stops waiting at once and the call finishes on
+        its thread, its result dropped. Calls run one at a time in order, so the next one (the env's close,
+        the next episode's reset) starts only after it; close() waits for it, so no thread outlives the run."""
+        # Told without blocking this thread (anyio.from_thread.run_sync would wait for the loop, forever
+        # when the loop has stopped after abandoning the call). rtloop runs on anyio's asyncio backend.
+        loop = asyncio.get_running_loop()
         finished = anyio.Event()
 
         def job() -> T:
             try:
                 return fn(*args)
             finally:
-                anyio.from_thread.run_sync(finished.set, token=token)
+                try:
+                    loop.call_soon_threadsafe(finished.set)
+                except RuntimeError:  # the event loop is closed: nobody waits for this call any more
+                    pass
 
         future = self._pool.submit(job)
-        with anyio.CancelScope(shield=True):
-            await finished.wait()
+        await finished.wait()
         return future.result()
 
     def submit(self, fn: Callable[..., T], *args) -> Future[T]:
@@ -49,4 +53,5 @@ class WorkerThread:
         return self._pool.submit(fn, *args).result()
 
     def close(self) -> None:
+        """Waits for the call in flight (an abandoned one included), then ends the thread."""
         self._pool.shutdown(wait=True)

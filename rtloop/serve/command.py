@@ -67,9 +67,9 @@ def validate(args: argparse.Namespace) -> None:
     if args.max_message_bytes < 1024:
         raise InputError(f"--max-message-bytes must be >= 1024 (got {args.max_message_bytes})")
     from rtloop.policy.engines import check_engine_device
-    from rtloop.runtime.command import pick_device
+    from rtloop.commands.device import resolve_device
 
-    args.device = pick_device(args.device)
+    args.device = resolve_device(args.device)
     if args.engine is None:
         args.engine = "compiled" if args.device.startswith("cuda") else "eager"
     check_engine_device(args.engine, args.device)
@@ -98,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from rtloop.runtime.command import resolve_checkpoint
+    from rtloop.commands.policies import resolve_checkpoint
     from rtloop.serve.server import InferenceWorker, PolicyServer, ServerMetrics
 
     validate(args)

@@ -153,11 +153,3 @@ def test_a_spec_the_runtime_cannot_take_costs_its_episodes_an_error_row():
     run_episodes({"c": {"cell": "c", "run": {"no_such_option": 1}}}, [("c", 0, 0), ("c", 0, 1)], 1, rows.append)
     assert [(r["episode"], r["success"]) for r in rows] == [(0, False), (1, False)]
     assert all(r["error"] == "input: `rtloop run` has no option --no-such-option" for r in rows)
-
-
-@pytest.mark.parametrize("option, feature", [("clock", "virtual clock"), ("policy", "policies other than openvla")])
-def test_options_the_runtime_lacks_are_refused_by_name(option, feature):
-    from rtloop.eval.episode import check_spec
-
-    with pytest.raises(InputError, match=feature):
-        check_spec({"run": {"rate": 20.0, option: "x"}})

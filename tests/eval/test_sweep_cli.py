@@ -126,7 +126,6 @@ def test_eval_writes_a_per_task_table_with_throughput(tiny_checkpoint, tmp_path)
     (["eval", "--episodes", "51"], "--episodes must be 1..50"),
     (["sweep", "--latency", "0.1,-0.05"], "must be >= 0 (got -0.05)"),
     (["sweep", "--mode", "async,later"], "unknown mode 'later'"),
-    (["sweep", "--clock", "virtual"], "the virtual clock (--clock virtual) is not in the runtime yet"),
     (["sweep", "--latency-scale", "2"], "--latency-scale projects the --latency-profile latencies"),
     (["sweep", "--latency-profile", "README.md"], "latency profile README.md: not JSON"),
     (["timeline", "no/such/trace.jsonl"], "no such trace file"),

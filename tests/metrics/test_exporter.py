@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rtloop.errors import MetricsError
 from rtloop.metrics.exporter import MAX_KINDS, PrometheusSink, start_metrics_server
-from rtloop.runtime.records import EpisodeRecord, InferenceRecord, TickRecord
+from rtloop.runtime.records import AlertRecord, EpisodeRecord, ErrorRecord, InferenceRecord, RunRecord, TickRecord
 
 RUN = {"rate": 20.0, "suite": "libero_object", "task": 3, "engine": "graphed", "sync": False,
        "policy": "openvla tiny, RANDOM WEIGHTS", "random_weights": True}
@@ -52,35 +52,37 @@ def value(sink: PrometheusSink, name: str, **extra) -> float:
 
 def test_records_become_metrics():
     sink = PrometheusSink()
-    sink.on_run_start(RUN)
-    sink.on_tick(tick(0, "dummy", age=None))
-    sink.on_tick(tick(1, "fresh", dropped=2))
-    sink.on_tick(tick(2, "held", dropped=2, overrun=0.01))
-    sink.on_tick(tick(3, "fresh", dropped=5))
+    sink.on_record(RunRecord(RUN))
+    sink.on_record(tick(0, "dummy", age=None))
+    sink.on_record(tick(1, "fresh", dropped=2))
+    sink.on_record(tick(2, "held", dropped=2, overrun=0.01))
+    sink.on_record(tick(3, "fresh", dropped=5))
+    sink.on_record(tick(4, "stop", dropped=5, age=1.2))
     for seq in range(2):
-        sink.on_inference(inference(seq))
-    sink.on_episode(EpisodeRecord(0, "libero_object", 3, 10.0, 12.0, 4, success=True))
-    sink.on_episode(EpisodeRecord(1, "libero_object", 3, 12.0, 14.0, 4, success=False))
+        sink.on_record(inference(seq))
+    sink.on_record(EpisodeRecord(0, "libero_object", 3, 10.0, 12.0, 4, success=True))
+    sink.on_record(EpisodeRecord(1, "libero_object", 3, 12.0, 14.0, 4, success=False))
 
-    assert value(sink, "rtloop_ticks_total") == 4
+    assert value(sink, "rtloop_ticks_total") == 5
     assert value(sink, "rtloop_actions_total", source="fresh") == 2
     assert value(sink, "rtloop_actions_total", source="held") == 1
     assert value(sink, "rtloop_actions_total", source="dummy") == 1
-    assert value(sink, "rtloop_frames_dropped_total") == 5  # running total 0, 2, 2, 5 -> increments
+    assert value(sink, "rtloop_actions_total", source="stop") == 1  # a stale action: the arm stopped
+    assert value(sink, "rtloop_frames_dropped_total") == 5  # running total 0, 2, 2, 5, 5 -> increments
     assert value(sink, "rtloop_tick_overruns_total") == 1
-    assert value(sink, "rtloop_tick_interval_seconds_count") == 3  # the first tick has no interval
-    assert value(sink, "rtloop_action_age_seconds_count") == 3  # no age for the dummy action
-    assert value(sink, "rtloop_tick_lateness_seconds_count") == 4
+    assert value(sink, "rtloop_tick_interval_seconds_count") == 4  # the first tick has no interval
+    assert value(sink, "rtloop_action_age_seconds_count") == 4  # no age for the dummy action
+    assert value(sink, "rtloop_tick_lateness_seconds_count") == 5
     assert value(sink, "rtloop_inferences_total") == 2
     assert value(sink, "rtloop_stage_duration_seconds_count", stage="generate") == 2
     assert value(sink, "rtloop_stage_duration_seconds_sum", stage="generate") == pytest.approx(0.054)
-    assert value(sink, "rtloop_stage_duration_seconds_count", stage="render") == 4
-    assert value(sink, "rtloop_stage_duration_seconds_bucket", stage="render", le="0.04") == 4
+    assert value(sink, "rtloop_stage_duration_seconds_count", stage="render") == 5
+    assert value(sink, "rtloop_stage_duration_seconds_bucket", stage="render", le="0.04") == 5
     assert value(sink, "rtloop_stage_duration_seconds_bucket", stage="render", le="0.03") == 0
     assert value(sink, "rtloop_frame_age_seconds_count") == 2
     assert value(sink, "rtloop_episodes_total") == 2
     assert value(sink, "rtloop_episode_successes_total") == 1
-    assert value(sink, "rtloop_current_step") == 3
+    assert value(sink, "rtloop_current_step") == 4
     assert value(sink, "rtloop_configured_rate_hertz") == 20
     assert value(sink, "rtloop_gpu_memory_allocated_bytes") == 0  # a CPU run
     assert value(sink, "rtloop_run_info", policy="random", mode="async") == 1
@@ -89,7 +91,7 @@ def test_records_become_metrics():
 def test_every_series_exists_at_zero_from_the_start():
     """Dashboards show 0, not 'no data', before the first error, drop or episode."""
     sink = PrometheusSink()
-    sink.on_run_start({**RUN, "random_weights": False, "sync": True})
+    sink.on_record(RunRecord({**RUN, "random_weights": False, "sync": True}))
     assert value(sink, "rtloop_errors_total", kind="sim") == 0
     assert value(sink, "rtloop_errors_total", kind="policy") == 0
     assert value(sink, "rtloop_alerts_total", kind="constant_action") == 0
@@ -102,12 +104,12 @@ def test_every_series_exists_at_zero_from_the_start():
 
 def test_errors_and_alerts_are_counted_by_bounded_kind():
     sink = PrometheusSink()
-    sink.on_run_start(RUN)
-    sink.on_error("sim", "MuJoCo went unstable")
-    sink.on_error("SimError", "again")  # normalised to a label-safe value
-    sink.on_alert("constant_action", "same action for 10 frames")
+    sink.on_record(RunRecord(RUN))
+    sink.on_record(ErrorRecord("sim", "MuJoCo went unstable", 0.0))
+    sink.on_record(ErrorRecord("SimError", "again", 0.0))  # normalised to a label-safe value
+    sink.on_record(AlertRecord("constant_action", "same action for 10 frames", 0.0))
     for i in range(3 * MAX_KINDS):
-        sink.on_error(f"made up {i}", "")
+        sink.on_record(ErrorRecord(f"made up {i}", "", 0.0))
     assert value(sink, "rtloop_errors_total", kind="sim") == 1
     assert value(sink, "rtloop_errors_total", kind="simerror") == 1
     assert value(sink, "rtloop_alerts_total", kind="constant_action") == 1
@@ -118,7 +120,7 @@ def test_errors_and_alerts_are_counted_by_bounded_kind():
 
 def test_naming_follows_prometheus_conventions():
     sink = PrometheusSink()
-    sink.on_run_start(RUN)
+    sink.on_record(RunRecord(RUN))
     for family in sink.registry.collect():
         assert family.name.startswith("rtloop_"), family.name
         if family.type == "counter":
@@ -134,15 +136,15 @@ def test_naming_follows_prometheus_conventions():
 
 def test_fleet_series_per_env_are_bounded_by_the_fleet_size():
     sink = PrometheusSink()
-    sink.on_run_start({**RUN, "envs": 3})
+    sink.on_record(RunRecord({**RUN, "envs": 3}))
     for env, (source, dropped) in enumerate([("fresh", 1), ("held", 4), ("fresh", 0)]):
         rec = tick(5, source=source, dropped=dropped)
         rec.env = env
-        sink.on_tick(rec)
+        sink.on_record(rec)
     for i in range(3):  # one batch of 3 frames, then a batch of 1
-        sink.on_inference(InferenceRecord(episode=0, seq=i, frame_seq=i, frame_time=0.0, t_start=0.1, t_end=0.2,
+        sink.on_record(InferenceRecord(episode=0, seq=i, frame_seq=i, frame_time=0.0, t_start=0.1, t_end=0.2,
                                           queue_wait_s=0.0, frame_age_s=0.1, env=i, batch_size=3, batch_index=i))
-    sink.on_inference(InferenceRecord(episode=0, seq=3, frame_seq=3, frame_time=0.0, t_start=0.3, t_end=0.4,
+    sink.on_record(InferenceRecord(episode=0, seq=3, frame_seq=3, frame_time=0.0, t_start=0.3, t_end=0.4,
                                       queue_wait_s=0.0, frame_age_s=0.1, env=1, batch_size=1, batch_index=0))
     assert value(sink, "rtloop_fleet_envs") == 3
     envs = {dict(labels)["env"] for name, labels in samples(sink) if name == "rtloop_env_actions_total"}
@@ -156,22 +158,22 @@ def test_fleet_series_per_env_are_bounded_by_the_fleet_size():
 
 def test_two_sinks_do_not_share_metrics():
     a, b = PrometheusSink(), PrometheusSink()
-    a.on_run_start(RUN)
-    b.on_run_start(RUN)
-    a.on_tick(tick(0))
+    a.on_record(RunRecord(RUN))
+    b.on_record(RunRecord(RUN))
+    a.on_record(tick(0))
     assert value(a, "rtloop_ticks_total") == 1
     assert value(b, "rtloop_ticks_total") == 0
 
 
 def test_a_record_before_run_start_is_a_bug():
-    with pytest.raises(RuntimeError, match="on_run_start"):
-        PrometheusSink().on_tick(tick(0))
+    with pytest.raises(RuntimeError, match="the run record must come before"):
+        PrometheusSink().on_record(tick(0))
 
 
 def test_server_serves_the_registry_and_closes_cleanly():
     sink = PrometheusSink()
-    sink.on_run_start(RUN)
-    sink.on_tick(tick(0))
+    sink.on_record(RunRecord(RUN))
+    sink.on_record(tick(0))
     before = set(threading.enumerate())
     server = start_metrics_server(0, sink.registry)
     assert server.addr == "127.0.0.1" and server.port > 0

@@ -18,7 +18,8 @@ from prometheus_client import generate_latest
 
 from rtloop.metrics.exporter import PrometheusSink
 from rtloop.metrics.promapi import DASHBOARD, dashboard_queries
-from rtloop.runtime.command import add_arguments
+from rtloop.commands.run import add_arguments
+from rtloop.runtime.records import RunRecord
 from rtloop.serve.command import add_arguments as add_serve_arguments
 from rtloop.serve.server import ServerMetrics
 
@@ -46,7 +47,7 @@ def test_dashboard_has_the_required_panels_and_only_known_metrics():
     assert sum("histogram_quantile(0.99" in q.expr for q in queries) >= 6  # p99 of every stage
 
     sink = PrometheusSink()
-    sink.on_run_start({"rate": 10, "suite": "libero_object", "task": 0, "engine": "eager", "policy": "x"})
+    sink.on_record(RunRecord({"rate": 10, "suite": "libero_object", "task": 0, "engine": "eager", "policy": "x"}))
     server = ServerMetrics("eager", "random")
     text = generate_latest(sink.registry).decode() + generate_latest(server.registry).decode()
     exported = set(re.findall(r"^(rtloop_\w+?)(?:\{| )", text, re.M))

@@ -311,7 +311,7 @@ def test_statistics_with_the_wrong_action_dimension_are_named(ckpt, inspect_erro
 def test_a_stale_cached_random_checkpoint_is_made_again(tiny_checkpoint, tmp_path, monkeypatch):
     """`rtloop run`'s fallback: a cached tiny checkpoint from an older generator (another action bias)
     is replaced, a current one reused."""
-    from rtloop.runtime.command import TINY_CACHE_NAME, tiny_random_checkpoint
+    from rtloop.commands.policies import TINY_CACHE_NAME, tiny_random_checkpoint
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     cached = shutil.copytree(tiny_checkpoint, tmp_path / "rtloop" / TINY_CACHE_NAME)

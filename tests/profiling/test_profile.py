@@ -170,7 +170,7 @@ def test_rtloop_profile_libero(tmp_path):
 def test_run_argv_passes_a_switched_off_centre_crop():
     """--center-crop is on by default; the profiled run must get --no-center-crop, not a stray 'False'."""
     from rtloop.cli import build_parser
-    from rtloop.profiling.command import run_argv
+    from rtloop.commands.profile import run_argv
 
     args = build_parser("profile").parse_args(["profile", "--no-center-crop", "--rate", "5"])
     assert run_argv(args, args._run_actions) == ["--rate", "5.0", "--no-center-crop"]

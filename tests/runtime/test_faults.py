@@ -8,7 +8,8 @@ import anyio
 import pytest
 
 from rtloop.policy.openvla import OpenVLAPolicy
-from rtloop.runtime.loop import Fanout, LoopConfig, Runtime
+from rtloop.runtime.loop import LoopConfig, Runtime
+from rtloop.runtime.records import Fanout
 from rtloop.runtime.summary import RecordLog
 from rtloop.runtime.trace import TraceSink, read_trace
 from rtloop.runtime.worker import WorkerThread
@@ -83,3 +84,36 @@ def test_policy_and_sim_failures_end_their_episode_and_keep_the_trace(tiny_check
     assert [t["step"] for t in ticks[1]] == list(range(6))  # everything before the failing step
     assert [r["kind"] for r in records].count("episode") == 2
     assert not [t.name for t in threading.enumerate() if t.name.startswith("rtloop-")]
+
+
+def test_a_dead_policy_child_is_reported_and_replaced(tiny_checkpoint):
+    """kill -9 of the policy process: the call in flight reports it by signal, the next call gets a new
+    child (the runtime ends that episode on the error; the next episode runs against the new child)."""
+    import argparse
+    import os
+    import signal
+
+    import numpy as np
+
+    from rtloop.commands.policies import build_policy
+    from rtloop.commands.run import add_arguments, validate
+    from rtloop.errors import PolicyError
+    from rtloop.sim.base import Observation
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", str(tiny_checkpoint), "--policy-process", "--device", "cpu",
+                              "--sim", "replay"])
+    validate(args)
+    policy = build_policy(args, tiny_checkpoint, "cpu")
+    obs = Observation(np.full((256, 256, 3), 90, np.uint8))
+    try:
+        assert policy.act(obs, "pick up the ketchup").action.shape == (7,)
+        first = policy._process.pid
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(PolicyError, match=r"^policy process died \(signal 9\)$"):
+            policy.act(obs, "pick up the ketchup")
+        assert policy.act(obs, "pick up the ketchup").action.shape == (7,)
+        assert policy._process.pid != first
+    finally:
+        policy.close()

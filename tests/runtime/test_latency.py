@@ -278,7 +278,7 @@ class TimedPolicy:
 def fake(monkeypatch) -> FakeClock:
     fake = FakeClock()
     monkeypatch.setattr(slow.clock, "now", fake.now)
-    monkeypatch.setattr(slow.time, "sleep", fake.sleep)
+    monkeypatch.setattr(slow, "sleep", lambda closed, seconds: fake.sleep(seconds))
     return fake
 
 

@@ -27,7 +27,7 @@ OWN_RUN_OPTIONS = ("trace",)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from rtloop.runtime.command import add_arguments as add_run_arguments
+    from rtloop.commands.run import add_arguments as add_run_arguments
 
     before = set(p._actions)
     add_run_arguments(p)
@@ -77,12 +77,12 @@ def torch_profile(args: argparse.Namespace, out_dir: Path) -> dict | None:
     """Profile --torch-calls inferences of the run's policy (same checkpoint, engine, device), on the
     recorded LIBERO frames `rtloop bench` uses, after warm-up."""
     from rtloop.bench import DEFAULT_FRAMES
+    from rtloop.commands.policies import build_policy, resolve_checkpoint
     from rtloop.profiling.torch_trace import load_profile_frames, profile_policy
-    from rtloop.runtime.command import build_policy, pick_device, resolve_checkpoint
 
-    if args.torch_calls == 0:
+    if args.torch_calls == 0 or args._policy_spec.kind != "openvla":  # the torch profiler profiles OpenVLA
         return None
-    device = pick_device(args.device)
+    device = args.device  # resolved by validate
     policy = build_policy(args, resolve_checkpoint(args.checkpoint), device)
     frames, source = load_profile_frames(DEFAULT_FRAMES)
     summary = profile_policy(policy, frames, args.torch_calls, out_dir / "torch_trace.json", cuda=device.startswith("cuda"))
@@ -91,12 +91,13 @@ def torch_profile(args: argparse.Namespace, out_dir: Path) -> dict | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rtloop.errors import InputError, RtloopError
+    from rtloop.errors import InputError
     from rtloop.profiling import pyspy
     from rtloop.profiling.flamegraph import collapse, render_svg
     from rtloop.profiling.report import build_report, write_report
     from rtloop.profiling.torch_trace import check_trace
-    from rtloop.runtime.command import validate
+    from rtloop.commands.paths import check_writable
+    from rtloop.commands.run import validate
     from rtloop.runtime.trace import read_trace
 
     if args.rate_hz < 1:
@@ -105,6 +106,7 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"--torch-calls must be >= 0 (got {args.torch_calls})")
     validate(args)  # bad run options fail here, in one line, before py-spy starts anything
     out_dir = args.out or default_out_dir(args.machine)
+    check_writable(out_dir, "--out", directory=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     trace = out_dir / "trace.jsonl"
     target = [sys.executable, "-m", "rtloop", "run", *run_argv(args, args._run_actions), "--trace", str(trace)]
@@ -125,8 +127,10 @@ def main(args: argparse.Namespace) -> int:
     if pyspy_message:
         print(f"rtloop profile: {pyspy_message}", file=sys.stderr)
     if not trace.exists():
-        tail = (out_dir / "run.log").read_text().strip().splitlines()[-1:] or ["no output"]
-        raise RtloopError(f"the profiled run wrote no trace; last line of {out_dir / 'run.log'}: {tail[0]}")
+        code = run_exit_code(out_dir)
+        print(f"rtloop profile: the profiled run exited with {code} and wrote no trace: "
+              f"{last_error_line(out_dir / 'run.log')}", file=sys.stderr)
+        return code
 
     speedscope = None
     if result.ok:
@@ -146,4 +150,24 @@ def main(args: argparse.Namespace) -> int:
     text = write_report(out_dir, report, f"rtloop profile {out_dir.name}")
     print(text)
     print(f"profile: {out_dir}")
-    return 0
+    code = run_exit_code(out_dir)
+    if code != 0:
+        print(f"rtloop profile: the profiled run exited with {code}: {last_error_line(out_dir / 'run.log')}",
+              file=sys.stderr)
+    return code
+
+
+def run_exit_code(out_dir: Path) -> int:
+    """The profiled run's exit status, from its summary.json (py-spy exits 0 whatever its target did); a
+    run that wrote no summary stopped before its end: 1."""
+    try:
+        return int(json.loads((out_dir / "summary.json").read_text())["exit_code"])
+    except (OSError, ValueError, KeyError):
+        return 1
+
+
+def last_error_line(log: Path) -> str:
+    """The run's last `rtloop: error`/`warning` line, else its last line."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(("rtloop: error", "rtloop: warning"))]
+    return (errors or lines or ["no output"])[-1]
