@@ -140,6 +140,10 @@ def validate(args: argparse.Namespace) -> None:
         check_writable(args.video, "--video")
     args._policy_spec = parse_policy(args.policy)
     args.device = resolve_device(args.device)
+    if args._policy_spec.kind == "expert":
+        from rtloop.policy.expert import check_suite
+
+        check_suite(args.suite)  # before the env build: the expert solves libero_object only
     if args._policy_spec.kind == "openvla":
         from rtloop.policy.engines import check_engine_device
 
