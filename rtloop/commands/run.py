@@ -68,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-action-age", type=float, default=1.0, metavar="SECONDS",
                    help="an action older than this (since its frame was captured) is not applied: the sim applies "
                         "the stop action (no motion, gripper unchanged) and alerts once (default 1.0)")
+    add_chunk_arguments(p)
     p.add_argument("--policy-process", action="store_true",
                    help="run the policy in its own process (frames through shared memory), off the sim's GIL")
     p.add_argument("--cuda-wait", choices=("blocking", "spin"), default="blocking",
@@ -92,6 +93,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_kernel_arguments(p)
 
 
+def add_chunk_arguments(p: argparse.ArgumentParser) -> None:
+    from rtloop.runtime.chunks import MERGE_RULES
+
+    p.add_argument("--chunk-threshold", type=float, default=0.5, metavar="SHARE",
+                   help="with a policy that returns action chunks: ask for the next chunk once the unexecuted share "
+                        "of the current one is at or below this, 0..1 (default 0.5, LeRobot's chunk_size_threshold)")
+    p.add_argument("--chunk-merge", default="latest_only", metavar="RULE",
+                   help=f"how overlapping chunks merge: {', '.join(MERGE_RULES)} (default latest_only)")
+
+
+def validate_chunk_options(args: argparse.Namespace) -> None:
+    from rtloop.errors import InputError
+    from rtloop.runtime.chunks import merge_rule
+
+    if not (math.isfinite(args.chunk_threshold) and 0 <= args.chunk_threshold <= 1):
+        raise InputError(f"--chunk-threshold must be in 0..1 (got {args.chunk_threshold:g})")
+    try:
+        merge_rule(args.chunk_merge)
+    except InputError as e:
+        raise InputError(f"--chunk-merge: {e}") from None
+
+
+def loop_config(args: argparse.Namespace):
+    """The runtime's config from `rtloop run`'s options (shared with rtloop eval's episodes)."""
+    from rtloop.runtime.loop import LoopConfig
+
+    return LoopConfig(rate=args.rate, max_steps=args.max_steps, sync=args.sync, max_action_age=args.max_action_age,
+                      chunk_threshold=args.chunk_threshold, chunk_merge=args.chunk_merge)
+
+
 def validate(args: argparse.Namespace) -> None:
     """Every check that needs no heavy load, before the ~8 s env build and the model load."""
     from rtloop.commands.device import resolve_device
@@ -106,6 +137,7 @@ def validate(args: argparse.Namespace) -> None:
 
     finite("--rate", args.rate, 0, low_ok=False)
     finite("--max-action-age", args.max_action_age, 0, low_ok=False)
+    validate_chunk_options(args)
     if args.episodes is None:
         args.episodes = args.envs or 1
     if args.episodes < 1:
@@ -252,7 +284,7 @@ def _run(args: argparse.Namespace, terminated: list[int], on_sigterm) -> tuple[b
     from rtloop.errors import InputError
     from rtloop.clock import WALL, VirtualClock
     from rtloop.runtime.live import LiveView, run_live_view
-    from rtloop.runtime.loop import LoopConfig, Runtime
+    from rtloop.runtime.loop import Runtime
     from rtloop.runtime.records import Fanout, RunRecord
     from rtloop.runtime.summary import RecordLog, format_summary, summarize
     from rtloop.runtime.trace import TraceSink, dumps
@@ -303,8 +335,7 @@ def _run(args: argparse.Namespace, terminated: list[int], on_sigterm) -> tuple[b
         log, trace = RecordLog(), TraceSink(path)
         cleanup.callback(trace.close)
         sinks += [log, trace]
-        config = LoopConfig(rate=args.rate, max_steps=args.max_steps, sync=args.sync,
-                            max_action_age=args.max_action_age)
+        config = loop_config(args)
         mode = ("sync (blocking baseline)" if args.sync else "async") + (", virtual clock" if virtual else "")
         title = (f"rtloop run: {policy.label} | {env.label} {env.suite} task {env.task_id} | {mode} at "
                  f"{args.rate:g} Hz on {device}")
@@ -326,6 +357,7 @@ def _run(args: argparse.Namespace, terminated: list[int], on_sigterm) -> tuple[b
             "torch_threads": args.torch_threads,
             "cuda_wait": args.cuda_wait if device.startswith("cuda") else None,
             "latency": args._latency.describe(),
+            "chunk_threshold": args.chunk_threshold, "chunk_merge": args.chunk_merge,
             "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
             "machine": machine(device), "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "mujoco_warning": mujoco_warning,

@@ -22,7 +22,8 @@ from pathlib import Path
 from rtloop.errors import InputError
 
 ENV_OPTIONS = ("sim", "suite", "task", "seed", "replay")  # the env depends on these alone
-NOT_POLICY_OPTIONS = ("sim", "task", "replay", "rate", "max_steps", "sync", "max_action_age")  # the policy on none of these
+NOT_POLICY_OPTIONS = ("sim", "task", "replay", "rate", "max_steps", "sync", "max_action_age", "chunk_threshold",
+                      "chunk_merge")  # the policy on none of these
 
 
 def run_args(spec: dict, task: int) -> argparse.Namespace:
@@ -42,9 +43,9 @@ def run_args(spec: dict, task: int) -> argparse.Namespace:
 
 
 def loop_config(args: argparse.Namespace):
-    from rtloop.runtime.loop import LoopConfig
+    from rtloop.commands.run import loop_config as run_loop_config
 
-    return LoopConfig(rate=args.rate, max_steps=args.max_steps, sync=args.sync, max_action_age=args.max_action_age)
+    return run_loop_config(args)
 
 
 def _options_key(args: argparse.Namespace, names) -> tuple:

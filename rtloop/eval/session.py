@@ -39,6 +39,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sim", choices=("libero", "replay"), default="libero",
                    help="libero, or replay of recorded LIBERO frames (actions ignored: no outcome to measure)")
     p.add_argument("--replay", type=Path, default=None, help="recorded frames for --sim replay")
+    from rtloop.commands.run import add_chunk_arguments
+
+    add_chunk_arguments(p)
     p.add_argument("--traces", action="store_true",
                    help="also write each episode's trace, as DIR/traces/<cell>/task<T>-ep<E>.jsonl (see rtloop timeline)")
 
@@ -48,7 +51,8 @@ def run_options(args: argparse.Namespace) -> dict:
     default that the runtime may not have yet (clock, policy) are left out, so only asking for them needs them."""
     options = {"suite": args.suite, "rate": args.rate, "max_steps": args.max_steps, "seed": args.seed,
                "sim": args.sim, "engine": args.engine, "device": args.device,
-               "replay": None if args.replay is None else str(args.replay)}
+               "replay": None if args.replay is None else str(args.replay),
+               "chunk_threshold": args.chunk_threshold, "chunk_merge": args.chunk_merge}
     if args.clock != "wall":
         options["clock"] = args.clock
     if args.policy != "openvla":

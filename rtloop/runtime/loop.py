@@ -26,6 +26,7 @@ from rtloop import clock as wall
 from rtloop.clock import WALL
 from rtloop.errors import InputError, PolicyError, RtloopError, SimError
 from rtloop.policy.base import Policy, PolicyOutput
+from rtloop.runtime.chunks import ChunkBuffer
 from rtloop.runtime.mailbox import Frame, LatestFrameMailbox
 from rtloop.runtime.records import (AlertRecord, EpisodeRecord, ErrorRecord, InferenceRecord, Sink,
                                     TickRecord)
@@ -45,6 +46,8 @@ class LoopConfig:
     max_steps: int | None = None  # cap on policy steps per episode (None: the env's horizon)
     sync: bool = False  # the blocking baseline: the sim waits for the model every tick
     max_action_age: float | None = 1.0  # seconds; past it the sim applies the stop action (None: never)
+    chunk_threshold: float = 0.5  # ask for the next chunk at or below this unexecuted share (LeRobot's)
+    chunk_merge: str = "latest_only"  # how overlapping chunks merge (rtloop.runtime.chunks.MERGE_RULES)
 
     def steps_limit(self, horizon: int) -> int:
         return horizon if self.max_steps is None else min(horizon, self.max_steps)
@@ -70,6 +73,12 @@ class Selection:
     value: np.ndarray
     seq: int | None
     age: float | None
+    # set when the action comes from a chunk: its position in the chunk (= ticks since the chunk's
+    # observation), the chunk's length, ticks since the chunk reached the sim, blended with an older chunk
+    chunk_index: int | None = None
+    chunk_len: int | None = None
+    chunk_age_ticks: int | None = None
+    chunk_merged: bool | None = None
 
 
 class ActionSelector:
@@ -106,6 +115,52 @@ class ActionSelector:
         self.last_applied = action.seq
         self.gripper = float(action.value[GRIPPER])
         return Selection(source, action.value, action.seq, age)
+
+
+class ChunkSelector(ActionSelector):
+    """Executes action chunks one action per tick, as LeRobot's async inference does: a chunk computed from
+    the frame published before step k holds the actions for steps k, k+1, ...; those for steps already
+    executed when it arrives are dropped, overlaps with the chunk still executing merge by `merge`, and the
+    next inference is wanted once the unexecuted share is at or below `threshold`. A planned action is
+    applied at its step whatever its age (the policy meant it for then); with nothing planned for a step
+    the last action is held and the stale-action stop applies as without chunks. An action without a chunk
+    takes ActionSelector's path unchanged, so a policy without chunks runs exactly as before."""
+
+    def __init__(self, max_age: float | None, threshold: float = 0.5, merge: str = "latest_only") -> None:
+        super().__init__(max_age)
+        self.threshold = threshold
+        self.buffer = ChunkBuffer(merge)
+        self.chunked = False  # a chunk has arrived this episode
+        self.next_step = 0  # the next step the sim executes
+        self.delivered: dict[int, tuple[int, float]] = {}  # inference seq -> (step it arrived for, frame time)
+
+    def offer(self, action: Action) -> None:
+        if action.chunk is None:
+            super().offer(action)
+            return
+        self.chunked = True
+        start = self.next_step if action.frame_seq is None else action.frame_seq
+        self.buffer.add(action.chunk, action.seq, start=start, now=self.next_step)
+        self.delivered[action.seq] = (self.next_step, action.frame_time)
+
+    def wants_inference(self) -> bool:
+        return not self.chunked or self.buffer.needs_request(self.threshold)
+
+    def select(self, t: float, step: int) -> Selection:
+        self.next_step = step + 1
+        planned = self.buffer.pop(step)
+        if planned is None:
+            return super().select(t, step)  # nothing planned for this step: hold, stop or the dummy
+        arrived, frame_time = self.delivered[planned.seq]
+        self.latest = Action(planned.action, planned.seq, frame_time)  # what is held if the buffer runs dry
+        self.last_applied = planned.seq
+        self.gripper = float(planned.action[GRIPPER])
+        return Selection("chunk", planned.action, planned.seq, t - frame_time, chunk_index=planned.index,
+                         chunk_len=planned.chunk_len, chunk_age_ticks=step - arrived, chunk_merged=planned.merged)
+
+
+def chunk_selector_factory(config: LoopConfig) -> Callable[[float | None], ChunkSelector]:
+    return lambda max_age: ChunkSelector(max_age, config.chunk_threshold, config.chunk_merge)
 
 
 class Pacer:
@@ -182,13 +237,14 @@ class Runtime:
         env_index: int = 0,
         clock=WALL,
         latency=None,
-        new_selector=ActionSelector,
+        new_selector=None,
     ) -> None:
         """env_index: stamped on every record (which env of a fleet, rtloop.fleet).
         clock: rtloop.clock.WALL, a VirtualClock, or any object with now() and async sleep_until(t).
         latency: on a VirtualClock, the latency model (rtloop.runtime.latency: `sample(index, measured_s)`
         -> seconds, `label`); unused on the wall clock, where rtloop.runtime.slow pads the calls instead.
-        new_selector(max_age) -> the episode's action selector."""
+        new_selector(max_age) -> the episode's action selector (default: a ChunkSelector with the
+        config's threshold and merge rule, which runs a policy without chunks as ActionSelector does)."""
         self.env = env
         self.env_index = env_index
         self.policy = policy
@@ -201,7 +257,7 @@ class Runtime:
         if self.virtual and latency is None:
             raise ValueError("a virtual clock needs a latency model")
         self.latency = latency
-        self.new_selector = new_selector
+        self.new_selector = chunk_selector_factory(config) if new_selector is None else new_selector
         self.inference_seq = 0  # counts across the run
         self.dropped_before = 0  # frames dropped in earlier episodes
         self.stale_alerted = False
@@ -302,11 +358,13 @@ class Runtime:
             deadline = await ep.pacer.wait()
             t_start = self.clock.now()
             frame = ep.mailbox.take_nowait()
-            out, wall_s = await self._act(frame.obs)
-            if self.virtual:
-                await self.clock.sleep_until(t_start + self._latency(wall_s))
-            t_apply = self.clock.now()
-            self._deliver(ep, frame, out, t_start, t_apply, 0.0)
+            t_apply = t_start
+            if ep.selector.wants_inference():  # always, but while a chunk is executing
+                out, wall_s = await self._act(frame.obs)
+                if self.virtual:
+                    await self.clock.sleep_until(t_start + self._latency(wall_s))
+                t_apply = self.clock.now()
+                self._deliver(ep, frame, out, t_start, t_apply, 0.0)
             t_end = t_apply + ep.pacer.period if self.virtual else None
             if (await self._tick(ep, step, deadline, t_start, t_apply, t_end)).done:
                 return
@@ -383,6 +441,10 @@ class Runtime:
             frames_dropped_total=self.dropped_before + ep.mailbox.dropped,
             done=result.done,
             success=result.success,
+            chunk_index=sel.chunk_index,
+            chunk_len=sel.chunk_len,
+            chunk_age_ticks=sel.chunk_age_ticks,
+            chunk_merged=sel.chunk_merged,
         ))
         ep.prev_start = t_start
         ep.steps, ep.success = step + 1, result.success

@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol, Union
 
 # fresh: first use of a new action; held: reused; dummy: none yet; stop: the newest one is older than
-# --max-action-age, so the arm is stopped (zero motion, gripper unchanged)
-ACTION_SOURCES = ("fresh", "held", "dummy", "stop")
-ActionSource = Literal["fresh", "held", "dummy", "stop"]
+# --max-action-age, so the arm is stopped (zero motion, gripper unchanged); chunk: the action an action
+# chunk planned for this step
+ACTION_SOURCES = ("fresh", "held", "dummy", "stop", "chunk")
+ActionSource = Literal["fresh", "held", "dummy", "stop", "chunk"]
 
 
 @dataclass
@@ -45,6 +46,12 @@ class TickRecord:
     frames_dropped_total: int  # frames overwritten unread in the mailbox so far this run
     done: bool
     success: bool
+    # source "chunk" only (None otherwise): the action's position in its chunk (= ticks since the chunk's
+    # observation), the chunk's length, ticks since the chunk reached the sim, merged with an older chunk
+    chunk_index: int | None = None
+    chunk_len: int | None = None
+    chunk_age_ticks: int | None = None
+    chunk_merged: bool | None = None
     env: int = 0  # which env of a fleet (`rtloop run --envs N`): 0..N-1; 0 for a single env
     kind: str = "tick"
 

@@ -100,6 +100,18 @@ def fleet_figures(ticks: list[dict], infs: list[dict]) -> dict:
     }
 
 
+def chunk_figures(ticks: list[dict]) -> dict | None:
+    """Ticks that executed a chunk's action, how many of those were merged with an older chunk, and their
+    staleness: position in the chunk (ticks since its observation) and ticks since the chunk arrived."""
+    mine = [r for r in ticks if r["action_source"] == "chunk"]
+    if not mine:
+        return None
+    return {"ticks": len(mine), "merged": sum(1 for r in mine if r["chunk_merged"]),
+            "chunk_len": max(r["chunk_len"] for r in mine),
+            "index": percentiles([float(r["chunk_index"]) for r in mine]),
+            "age_ticks": percentiles([float(r["chunk_age_ticks"]) for r in mine])}
+
+
 def summarize(records: list[dict]) -> dict:
     ticks = [r for r in records if r["kind"] == "tick"]
     infs = [r for r in records if r["kind"] == "inference"]
@@ -124,6 +136,7 @@ def summarize(records: list[dict]) -> dict:
         "held": sources.count("held"),
         "dummy": sources.count("dummy"),
         "stop": sources.count("stop"),
+        "chunks": chunk_figures(ticks),
         "frames_dropped": frames_dropped(ticks),
         "overruns": sum(1 for r in ticks if r["overrun_s"] > 0),
         "episodes": [
@@ -154,6 +167,11 @@ def format_summary(summary: dict, title: str = "") -> str:
         f"fresh {_num(None if fresh is None else 100 * fresh, '.0f')}%  held {summary['held']}  "
         f"dummy {summary['dummy']}  stop {summary['stop']}  dropped frames {summary['frames_dropped']}  overruns {summary['overruns']}"
     )
+    chunks = summary.get("chunks")
+    if chunks:
+        lines.append(f"chunks: {chunks['ticks']} ticks from chunks of {chunks['chunk_len']} ({chunks['merged']} merged), "
+                     f"index in chunk p50/p99 {chunks['index']['p50']:.0f}/{chunks['index']['p99']:.0f}, "
+                     f"ticks since arrival p50/p99 {chunks['age_ticks']['p50']:.0f}/{chunks['age_ticks']['p99']:.0f}")
     fleet = summary.get("fleet")
     if fleet and fleet["envs"] > 1:
         sizes = " ".join(f"{k}:{v}" for k, v in fleet["batch_sizes"].items())

@@ -22,8 +22,8 @@ from pathlib import Path
 from rtloop.errors import InputError
 
 DEFAULT_WINDOW_S = 3.0
-COLOURS = {"fresh": "#2ca02c", "held": "#ff7f0e", "dummy": "#9a9a9a"}
-CHROME_COLOURS = {"fresh": "good", "held": "bad", "dummy": "grey"}  # chrome://tracing reserved names
+COLOURS = {"fresh": "#2ca02c", "held": "#ff7f0e", "dummy": "#9a9a9a", "stop": "#d62728", "chunk": "#1f77b4"}
+CHROME_COLOURS = {"fresh": "good", "held": "bad", "dummy": "grey", "stop": "terrible", "chunk": "rail_response"}  # chrome://tracing reserved names
 STAGE_COLOURS = {"processor": "#9467bd", "generate": "#1f77b4", "detokenize": "#17becf", "injected_delay": "#d62728"}
 TRACKS = {"frames": 1, "inference": 2, "sim ticks": 3}  # Perfetto thread ids, top to bottom
 # One category for every event: viewers that bind a flow to a slice by (cat, pid, tid, ts) find them

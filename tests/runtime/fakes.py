@@ -107,3 +107,21 @@ class Blocker:
         if call in self.calls:
             self.entered.set()
             self.release.wait(timeout=30)
+
+
+class ChunkedFakePolicy(FakePolicy):
+    """Returns a chunk of `horizon` actions per call; action i of the chunk for the frame published before
+    step k is [(k + i) / 100, call / 100, 0, 0, 0, 0, -1]: which step it was planned for, and by which call,
+    can be read back from the actions the env applied."""
+
+    label = "fake chunked policy"
+
+    def __init__(self, horizon: int = 4, hook=None) -> None:
+        super().__init__(hook)
+        self.horizon = horizon
+
+    def act(self, obs: Observation, instruction: str) -> PolicyOutput:
+        super().act(obs, instruction)
+        steps = int(obs.image[0, 0, 1])
+        chunk = np.array([[(steps + i) / 100, self.calls / 100, 0, 0, 0, 0, -1.0] for i in range(self.horizon)])
+        return PolicyOutput(action=chunk[0], raw_action=chunk[0], timings={"generate": 0.001}, chunk=chunk)

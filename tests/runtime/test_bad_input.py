@@ -40,6 +40,9 @@ CASES = [
     (["--video", "ep.webm"], "unsupported format"),
     (["--metrics-port", "70000"], "--metrics-port must be 0..65535"),
     (["--replay", "/nonexistent.npz"], "--replay /nonexistent.npz: no such file"),
+    (["--chunk-merge", "newest"], "--chunk-merge: unknown chunk merge rule 'newest'; valid: latest_only, weighted_average"),
+    (["--chunk-threshold", "1.5"], "--chunk-threshold must be in 0..1 (got 1.5)"),
+    (["--chunk-threshold", "nan"], "--chunk-threshold must be in 0..1 (got nan)"),
 ]
 
 
