@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 def test_run_against_rtloop_serve_on_libero_times_the_hop(server, tmp_path):
     trace = tmp_path / "trace.jsonl"
     cmd = [sys.executable, "-m", "rtloop", "run", "--policy", server.url, "--max-steps", "15", "--metrics-port", "0",
-           "--quiet", "--trace", str(trace)]
+           "--quiet", "--trace", str(trace),
+           "--max-action-age", "60"]  # a loaded machine's slow answer is applied, not stopped: the hop is under test
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, MUJOCO_GL="egl", PYOPENGL_PLATFORM="egl"))
     assert proc.returncode == 0, proc.stderr
