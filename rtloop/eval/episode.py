@@ -113,6 +113,7 @@ class EpisodeRunner:
             "horizon": self.env.horizon, "steps_limit": config.steps_limit(self.env.horizon),
             "latency": args._latency.describe(),
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not k.startswith("_")},
+            "machine": command.machine(args.device), "versions": command.versions(),
         }))
         virtual = args.clock == "virtual"
         runtime = Runtime(self.env, self.policy, self.sim_thread, self.policy_thread, fanout, config,

@@ -80,8 +80,13 @@ def main(args: argparse.Namespace) -> int:
     from rtloop.runtime.summary import RecordLog, format_summary, summarize
     from rtloop.runtime.trace import TraceSink
 
+    from rtloop.sim.versions import mujoco_version_warning
+
     validate_fleet(args)
     checkpoint = command.resolve_checkpoint(args.checkpoint)
+    mujoco_warning = mujoco_version_warning() if args.sim == "libero" else None
+    if mujoco_warning:  # once, after the input checks, as `rtloop run` does
+        print(f"rtloop: warning: {mujoco_warning}", file=sys.stderr)
     device = args.device
     if args.torch_threads is None and device == "cpu":
         args.torch_threads = policy_threads(args.envs)
@@ -126,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
             info = fleet.slots[0].info
             fanout.on_record(RunRecord({
                 "rate": args.rate, "suite": args.suite, "task": args.task, "engine": args.engine, "sync": False,
-                "envs": envs, "backend": args.backend, "policy": label, "random_weights": "RANDOM WEIGHTS" in label,
+                "envs": envs, "backend": args.backend, "policy": label, "mujoco_warning": mujoco_warning, "random_weights": "RANDOM WEIGHTS" in label,
                 "sim": info["label"], "instruction": info["instruction"], "horizon": info["horizon"],
                 "steps_limit": info["steps_limit"], "checkpoint": str(checkpoint), "device": device,
                 "torch_threads": args.torch_threads, "policy_replicas": len(backend.policies),

@@ -14,8 +14,10 @@ from rtloop.sim.base import Observation
 STAGES = ("processor", "generate", "detokenize")
 
 # Every Alert.kind (bounded label values): the policy guards' (rtloop.policy.guards says why each exists), and
-# the runtime's stale_action (an action older than --max-action-age was due: the sim stopped the arm).
-ALERT_KINDS = ("blank_frame", "prompt", "unnorm_key", "constant_action", "image_orientation", "stale_action")
+# the runtime's stale_action (an action older than --max-action-age was due: the sim stopped the arm), and the
+# remote client's remote_input (the env lacks an input the remote policy's form wants: zeros were sent).
+ALERT_KINDS = ("blank_frame", "prompt", "unnorm_key", "constant_action", "image_orientation", "stale_action",
+               "remote_input")
 
 
 @dataclass

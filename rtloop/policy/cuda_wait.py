@@ -1,12 +1,9 @@
 """How the host waits for the GPU: by sleeping in the driver (`blocking`, rtloop's default) or by spinning a
 core (`spin`, CUDA's default when a machine has more cores than GPUs).
 
-Why it matters for a closed loop: a thread spinning in cudaDeviceSynchronize slows the simulator's own
-computation on other cores, not only its own. On the H200 machine (16 cores, one thread per core) LIBERO's
-physics took 8.5 ms a step alone and 15.4 ms beside a thread that spun while a GPU matmul chain ran, also
-with that load in another process, while the sim thread's on-CPU time rose with its wall time (it was not
-waiting for the GIL): profiles/libero-h200/alone/. A waiting thread that sleeps costs a wake-up (tens of
-microseconds) instead.
+Why it matters for a closed loop: a thread spinning in cudaDeviceSynchronize slowed LIBERO's physics on
+other cores of the H200 machine, from another process too, and not by holding the GIL (README, "Closed loop
+on real LIBERO, H200"; profiles/libero-h200/alone/). A waiting thread that sleeps costs a wake-up instead.
 
 The choice is the primary context's scheduling flag, set through the driver before the first CUDA call of
 the process makes the context; it then holds for every wait (synchronize, event waits, device-to-host
