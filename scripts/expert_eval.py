@@ -27,8 +27,8 @@ import anyio
 
 from rtloop.errors import RtloopError
 from rtloop.policy.expert import ScriptedExpert, check_suite
-from rtloop.runtime.loop import Fanout, LoopConfig, Runtime
-from rtloop.runtime.records import EpisodeRecord, TickRecord
+from rtloop.runtime.loop import LoopConfig, Runtime
+from rtloop.runtime.records import EpisodeRecord, Fanout, TickRecord
 from rtloop.runtime.worker import WorkerThread
 
 
@@ -39,23 +39,19 @@ class EpisodeTotals:
         self.episodes: list[dict] = []
         self._ticks = {"step_s": 0.0, "physics_s": 0.0, "render_s": 0.0}
 
-    def on_run_start(self, info: dict) -> None: ...
-    def on_inference(self, rec) -> None: ...
-    def on_error(self, kind: str, message: str) -> None: ...
-    def on_alert(self, kind: str, message: str) -> None: ...
+    def on_record(self, rec) -> None:
+        if isinstance(rec, TickRecord):
+            self._ticks["step_s"] += rec.step_s
+            self._ticks["physics_s"] += rec.physics_s
+            self._ticks["render_s"] += rec.render_s
+        elif isinstance(rec, EpisodeRecord):
+            self.episodes.append({
+                "suite": rec.suite, "task": rec.task_id, "episode": rec.episode, "success": rec.success,
+                "steps": rec.steps, "error": rec.error, "wall_s": rec.t_end - rec.t_start, **self._ticks,
+            })
+            self._ticks = {k: 0.0 for k in self._ticks}
+
     def close(self) -> None: ...
-
-    def on_tick(self, rec: TickRecord) -> None:
-        self._ticks["step_s"] += rec.step_s
-        self._ticks["physics_s"] += rec.physics_s
-        self._ticks["render_s"] += rec.render_s
-
-    def on_episode(self, rec: EpisodeRecord) -> None:
-        self.episodes.append({
-            "suite": rec.suite, "task": rec.task_id, "episode": rec.episode, "success": rec.success,
-            "steps": rec.steps, "error": rec.error, "wall_s": rec.t_end - rec.t_start, **self._ticks,
-        })
-        self._ticks = {k: 0.0 for k in self._ticks}
 
 
 def parse_ids(text: str) -> list[int]:

@@ -22,7 +22,7 @@ def rtloop(*args) -> list[str]:
 @pytest.mark.slow
 def test_a_fleet_on_a_local_ray_cluster_ticks_both_envs_and_batches(tiny_checkpoint, tmp_path):
     trace = tmp_path / "trace.jsonl"
-    proc = subprocess.run(rtloop("--envs", 2, "--backend", "ray", "--sim", "replay", "--max-steps", 30,
+    proc = subprocess.run(rtloop("--envs", 2, "--backend", "ray", "--sim", "replay", "--max-steps", 80,
                                  "--checkpoint", tiny_checkpoint, "--trace", trace),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -30,7 +30,7 @@ def test_a_fleet_on_a_local_ray_cluster_ticks_both_envs_and_batches(tiny_checkpo
     assert records[0]["backend"] == "ray" and "[Ray actor]" in records[0]["policy"]
     ticks = [r for r in records if r["kind"] == "tick"]
     for env in (0, 1):
-        assert [t["step"] for t in ticks if t["env"] == env] == list(range(30))
+        assert [t["step"] for t in ticks if t["env"] == env] == list(range(80))
     infs = [r for r in records if r["kind"] == "inference"]
     assert {r["env"] for r in infs} == {0, 1} and max(r["batch_size"] for r in infs) == 2
     assert sorted((r["env"], r["error"]) for r in records if r["kind"] == "episode") == [(0, None), (1, None)]

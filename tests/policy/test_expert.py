@@ -150,7 +150,8 @@ def test_expert_solves_real_libero_through_the_runtime():
     """Two tasks (a can and a flat box), one init state each, zero latency (sync), no rendering."""
     import anyio
 
-    from rtloop.runtime.loop import Fanout, LoopConfig, Runtime
+    from rtloop.runtime.loop import LoopConfig, Runtime
+    from rtloop.runtime.records import Fanout
     from rtloop.runtime.summary import RecordLog
     from rtloop.runtime.worker import WorkerThread
     from rtloop.sim import make_env
