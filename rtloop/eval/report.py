@@ -130,8 +130,8 @@ def plot_success_vs_latency(doc: dict, path: Path) -> None:
             ax.fill_between(x, [100 * c["ci95"][0] for c in fixed], [100 * c["ci95"][1] for c in fixed],
                             color=colour, alpha=0.2, linewidth=0)
         for c in (c for c in done if c["latency_profile"] is not None):
-            y, (lo, hi) = 100 * c["success_rate"], c["ci95"]
-            bar = ax.errorbar([1e3 * c["latency_p50_s"]], [y], yerr=[[y - 100 * lo], [100 * hi - y]], fmt="D",
+            y, (lo, hi) = 100 * c["success_rate"], c["ci95"]  # the interval's float ends can cross y by 1e-14
+            bar = ax.errorbar([1e3 * c["latency_p50_s"]], [y], yerr=[[max(0.0, y - 100 * lo)], [max(0.0, 100 * hi - y)]], fmt="D",
                               color=colour, capsize=3, label=None if fixed else mode)
             colour = bar.lines[0].get_color()
             profiles.add((c["latency_profile"], c["latency_p50_s"]))

@@ -153,3 +153,12 @@ def test_a_spec_the_runtime_cannot_take_costs_its_episodes_an_error_row():
     run_episodes({"c": {"cell": "c", "run": {"no_such_option": 1}}}, [("c", 0, 0), ("c", 0, 1)], 1, rows.append)
     assert [(r["episode"], r["success"]) for r in rows] == [(0, False), (1, False)]
     assert all(r["error"] == "input: `rtloop run` has no option --no-such-option" for r in rows)
+
+
+def test_a_profile_cell_that_always_succeeds_plots(tmp_path):
+    """Wilson's upper end of 30/30 is 0.9999999999999999 in floats: its error bar must not go negative."""
+    cells = grid.sweep_cells([], {"profiles/latency/h200-compiled.json": 0.036}, ["async"], {}, {"latency_order": "iid"})
+    rows = [row(cell=c, episode=e, success=True, task=0) for c in cells for e in range(30)]
+    _, doc = report.sweep_tables(cells, rows, [])
+    report.plot_success_vs_latency(doc, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
