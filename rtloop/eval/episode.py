@@ -150,16 +150,21 @@ def trace_path(trace_dir: Path, cell: str, task: int, episode: int) -> Path:
 
 def episode_row(cell: str, task: int, episode: int, records: list[dict], wall_s: float, **labels) -> dict:
     """One results row: what the tables need, from this episode's records (via summarize)."""
+    from collections import Counter
+
+    from rtloop.runtime.records import ACTION_SOURCES
     from rtloop.runtime.summary import summarize
 
     summary = summarize(records)
     (outcome,) = summary["episodes"]
-    ages = [r["action_age_s"] for r in records if r["kind"] == "tick" and r["action_age_s"] is not None]
+    ticks = [r for r in records if r["kind"] == "tick"]
+    ages = [r["action_age_s"] for r in ticks if r["action_age_s"] is not None]
+    sources = Counter(r["action_source"] for r in ticks)
     return {
         "cell": cell, "task": task, "episode": episode,
         "success": outcome["success"], "steps": outcome["steps"], "error": outcome["error"],
-        "ticks": summary["ticks"], "fresh": summary["ticks"] - summary["held"] - summary["dummy"],
-        "held": summary["held"], "dummy": summary["dummy"], "frames_dropped": summary["frames_dropped"],
+        "ticks": summary["ticks"], **{source: sources[source] for source in ACTION_SOURCES},
+        "frames_dropped": summary["frames_dropped"],
         "inferences": summary["inferences"], "sim_hz": summary["sim_hz"],
         "action_ages_ms": [round(a * 1e3, 2) for a in ages],  # the samples, so cells pool exact percentiles
         "alerts": summary["alerts"], "wall_s": round(wall_s, 3), **labels,
