@@ -62,16 +62,9 @@ def test_load_casts_dtype(tiny_checkpoint):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
-def test_sharded_checkpoint_loads(ckpt):
-    state = load_file(ckpt / "model.safetensors")
-    (ckpt / "model.safetensors").unlink()
-    keys = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
-    for name, names in shards.items():
-        save_file({k: state[k] for k in names}, ckpt / name, {"format": "pt"})
-    weight_map = {k: name for name, names in shards.items() for k in names}
-    (ckpt / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+def test_sharded_checkpoint_loads(sharded, tiny_checkpoint):
+    ckpt, _ = sharded
+    state = load_file(tiny_checkpoint / "model.safetensors")
     got = load_checkpoint(ckpt).model.state_dict()
     assert all(torch.equal(got[k], state[k]) for k in state)
 
