@@ -2,14 +2,15 @@
 # What produced profiles/bench-{h100,h200}-7b.{json,md}: run from the repository root on a CUDA machine that
 # has torch and transformers (no install needed: PYTHONPATH). Writes everything under ${OUT:-out/gpu}, files
 # named for ${GPU:-h100} (the machine's label).
-#   GPU=h200 bash scripts/gpu_bench.sh [kernels|prefill|split|bench|batch|profile|tests|parity|run|libero|fleet ...]
-#   `libero` and `fleet` need real LIBERO on the machine (on ours: ../shared/gpu-libero, set up before this script).
+#   GPU=h200 bash scripts/gpu_bench.sh [kernels|prefill|split|bench|batch|profile|tests|parity|run|physics|libero|fleet ...]
+#   `physics`, `libero` and `fleet` need real LIBERO on the machine (on ours: ../shared/gpu-libero, set up before this script).
 #   (default: kernels bench profile tests parity)
 set -u
 OUT=${OUT:-out/gpu}
 GPU=${GPU:-h100}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+PYSPY=${PYSPY:-$(command -v py-spy || echo py-spy)}
 LOG="$OUT/log.txt"
 steps=${*:-kernels bench profile tests parity}
 
@@ -52,7 +53,8 @@ for step in $steps; do
     say "rtloop bench 7b"
     timeout ${BENCH_TIMEOUT:-360} python3 -m rtloop bench --size 7b --device cuda \
       --engines "${ENGINES:-reference,eager,graphed,compiled}" --quant "${QUANT:-int8,fp8}" --iters "${ITERS:-50}" \
-      --warmup 5 --agreement-frames 32 --out "$OUT/${BENCH_NAME:-bench-$GPU-7b}" 2>&1 | tee -a "$LOG" ;;
+      --warmup 5 --agreement-frames "${AGREEMENT_FRAMES:-32}" ${KERNEL_FLAGS:-} --out "$OUT/${BENCH_NAME:-bench-$GPU-7b}" \
+      2>&1 | tee -a "$LOG" ;;
   prefill)
     say "prefill matmuls: cublas vs inductor max-autotune"
     timeout ${PREFILL_TIMEOUT:-150} python3 scripts/prefill_gemm_bench.py --rows 288 --out "$OUT/prefill-gemm-$GPU.json" \
@@ -108,6 +110,36 @@ for step in $steps; do
       mkdir -p "$OUT/run-$engine" && cp "/tmp/runs/run-$engine/summary.json" "$OUT/run-$engine/"
     done
     tar -C /tmp/runs -czf "$OUT/runs.tar.gz" . ;;
+  physics)
+    # What slows LIBERO's physics beside a GPU policy (issue 18): LIBERO alone, then beside one load at a time,
+    # each in a fresh process (scripts/libero_alone.py: its docstring names the loads). Pinned rows put the sim
+    # and the load on chosen CPUs, to tell a shared physical core from other causes.
+    mkdir -p "$OUT/physics"
+    { lscpu | grep -i -E "model name|^CPU\(s\)|thread|core|socket|numa|mhz"
+      for c in 0 1 2 3; do echo "cpu$c siblings: $(cat /sys/devices/system/cpu/cpu$c/topology/thread_siblings_list 2>&1)"; done
+      echo "cgroup cpu.max: $(cat /sys/fs/cgroup/cpu.max 2>&1)"; } 2>&1 | tee -a "$LOG"
+    for row in ${PHYSICS_ROWS:-none torch-import cuda-idle spin-process gpu-busy-process cuda-blocking \
+               cuda-process cuda-process:2:9 spin-process:2:3 spin-process:2:9 none}; do
+      IFS=: read -r load sim_cpu load_cpu <<< "$row"
+      i=$((${i:-0} + 1))
+      say "LIBERO physics, load: $row"
+      timeout 120 python3 scripts/libero_alone.py --steps ${ALONE_STEPS:-120} --load "$load" \
+        ${sim_cpu:+--pin-sim $sim_cpu} ${load_cpu:+--pin-load $load_cpu} --out "$OUT/physics/$(printf %02d $i)-${row//:/_}.json" \
+        2>&1 | grep '^{' | tee -a "$LOG"
+    done
+    python3 - "$OUT/physics" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+
+print("| load (sim cpu _ load cpu) | physics p50 / p95 ms | sim thread on-CPU p50 ms | render p50 ms | cpu MHz (mean) |")
+print("|---|---|---|---|---|")
+for path in sorted(Path(sys.argv[1]).glob("*.json")):
+    r = json.loads(path.read_text())
+    mhz = r.get("cpu_mhz") or [0]
+    print(f"| {path.stem} | {r['physics_ms']['p50']} / {r['physics_ms']['p95']} | {r['step_cpu_ms']['p50']} | "
+          f"{r['render_ms']['p50']} | {sum(mhz) / len(mhz):.0f} |")
+EOF
+    ;;
   libero)
     # Real LIBERO beside the 7b (random weights). First LIBERO alone and beside host loads that imitate a GPU
     # policy (scripts/libero_alone.py), then per engine one `rtloop sweep` of async and --sync episodes at the
@@ -131,10 +163,14 @@ for step in $steps; do
         --episodes "${EPISODES:-3}" --workers 1 --traces --engine "$engine" --device cuda --checkpoint /tmp/ck7b \
         --out "$dir" ${RUN_EXTRA:-} 2>&1 | grep -v -i warn | tail -14 | tee -a "$LOG" &
       sweep=$!
-      if [ "$engine" = "${PROFILE_ENGINE:-compiled}" ] && command -v py-spy >/dev/null; then
+      if [ "$engine" = "${PROFILE_ENGINE:-compiled}" ]; then
+        # native frames too: the sim's step is MuJoCo and numpy C code under a few Python lines
         (for _ in $(seq 400); do [ -e "$dir/traces/async_0ms/task${TASKS:-0}-ep0.jsonl" ] && break; sleep 1; done
-         sleep 3; py-spy record --pid "$(pgrep -f -o '^python3 -m rtloop sweep')" --subprocesses --threads --rate 100 \
-           --duration 20 --format speedscope -o "$OUT/pyspy-$name.json") >> "$LOG" 2>&1 &
+         sleep 3; pid=$(pgrep -f -o '^python3 -m rtloop sweep')
+         "$PYSPY" record --pid "$pid" --subprocesses --threads --native --rate 100 --duration 20 --format speedscope \
+           -o "$OUT/pyspy-$name.json" || "$PYSPY" record --pid "$pid" --subprocesses --threads --rate 100 \
+           --duration 20 --format speedscope -o "$OUT/pyspy-$name.json"
+         echo "py-spy: $(ls -la "$OUT/pyspy-$name.json" 2>&1)") >> "$LOG" 2>&1 &
       fi
       wait $sweep
       kill $smi

@@ -11,6 +11,7 @@ Two image steps, kept apart because they belong to different owners:
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 
@@ -100,19 +101,30 @@ def center_crop_resize(img: np.ndarray, area: float) -> np.ndarray:
     """The official `crop_and_resize`: the central box of `area` (sqrt(area) per side) bilinearly resampled
     back to the input size with tf.image.crop_and_resize's sampling grid, then tf's float->uint8 conversion."""
     h, w = img.shape[:2]
+    y0, y1, wy, x0, x1, wx = _crop_grid(h, w, area)
+    # float32 as tf computes it; bilinear is separable: rows, then columns, each a lerp of two gathers (it is on
+    # the critical path of every inference)
+    f = img.astype(np.float32)
+    rows = f[y0]
+    rows += (f[y1] - rows) * wy
+    out = rows[:, x0]
+    out += (rows[:, x1] - out) * wx
+    # tf.image.convert_image_dtype(..., uint8, saturate): x / 255 clipped to [0, 1], times 255.5, floored
+    np.clip(out * np.float32(255.5 / 255.0), 0.0, 255.0, out=out)
+    return out.astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _crop_grid(h: int, w: int, area: float) -> tuple[np.ndarray, ...]:
     side = math.sqrt(area)
     lo, hi = (1 - side) / 2, (1 + side) / 2
     ys = np.linspace(lo * (h - 1), hi * (h - 1), h)
     xs = np.linspace(lo * (w - 1), hi * (w - 1), w)
     y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
     y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-    wy, wx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
-    f = img.astype(np.float32) / 255.0
-    # bilinear is separable: rows first, then columns (two gathers instead of four; it is on the critical
-    # path of every inference)
-    rows = f[y0] * (1 - wy) + f[y1] * wy
-    out = np.clip(rows[:, x0] * (1 - wx) + rows[:, x1] * wx, 0.0, 1.0)
-    return np.minimum(out * 255.5, 255).astype(np.uint8)  # tf.image.convert_image_dtype(..., uint8, saturate)
+    wy = (ys - y0).astype(np.float32)[:, None, None]
+    wx = (xs - x0).astype(np.float32)[None, :, None]
+    return y0, y1, wy, x0, x1, wx
 
 
 def pixel_values(image: np.ndarray, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
