@@ -80,8 +80,8 @@ for step in $steps; do
     done ;;
   tests)
     say "pytest -m gpu"
-    timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -x tests/policy/test_kernels.py tests/policy/test_engines.py \
-      tests/policy/test_model.py 2>&1 | tail -15 | tee -a "$LOG" ;;
+    timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -rfE tests/policy/test_kernels.py tests/policy/test_engines.py \
+      tests/policy/test_model.py 2>&1 | tail -25 | tee -a "$LOG" ;;
   parity)
     say "vit timm parity"
     timeout 60 python3 scripts/vit_timm_parity.py --device cuda > "$OUT/vit_timm_parity-$GPU.json" 2>>"$LOG"
