@@ -98,15 +98,15 @@ def main(args: argparse.Namespace) -> int:
 
         fleet = fleet_args(specs["eval"], tasks[0], args.envs, args.backend, args.address, args.oversubscribe)
         runner, device = FleetRunner(fleet), fleet.device
-        workers = "Ray actors" if args.backend == "ray" else "local processes"
-        how = f"fleet: one batched policy, env workers as {workers}"
+        where = "Ray actors" if args.backend == "ray" else "local processes"
+        how = f"fleet: one batched policy, env workers as {where}"
     else:
         runner, device, how = run_episodes, resolve_device(args.device), "worker pool: a policy per worker"
 
     with GpuSampler(args.out / "gpu.csv", device, remote=args.address is not None) as gpu:
         outcome = session.run_session(args.out, {"cells": cells}, specs, keys, args.envs, f"eval {args.suite}", runner)
     ended = time.time()
-    started = getattr(runner, "started", None)
+    started = runner.started if on_fleet else None  # the pool's workers build their policies in their episodes
     calls = [(r["batch_size_mean"], r["inferences"]) for r in outcome.rows if r.get("batch_size_mean")]
     throughput = {"episodes": outcome.ran, "wall_s": outcome.wall_s, "envs": args.envs, "runner": how,
                   "frames_per_policy_call": sum(m * n for m, n in calls) / sum(n for _, n in calls) if calls else None,
