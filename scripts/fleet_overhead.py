@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import anyio
@@ -26,7 +27,7 @@ import numpy as np
 
 from rtloop.fleet.fleet import Fleet
 from rtloop.policy.base import PolicyOutput
-from rtloop.runtime.loop import DUMMY_ACTION
+from rtloop.runtime.loop import DUMMY_ACTION, LoopConfig
 from rtloop.runtime.records import Fanout
 from rtloop.runtime.summary import RecordLog, summarize
 
@@ -40,7 +41,7 @@ class InstantPolicy:
     def act(self, obs, instruction):
         return PolicyOutput(DUMMY_ACTION.copy(), DUMMY_ACTION.copy(), {})
 
-    def act_batch(self, observations, instructions):
+    def act_batch(self, observations, instructions, streams=None):
         return [self.act(o, i) for o, i in zip(observations, instructions)]
 
     def warmup(self, obs, instruction):
@@ -94,8 +95,9 @@ def main() -> None:
     p.add_argument("--backends", default="local,ray")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    spec = {"sim": "replay", "suite": "libero_object", "seed": 0, "rate": args.rate, "max_steps": args.steps,
-            "replay": None}
+    # rtloop.fleet.command.env_spec's form: the wall clock, the default loop (no latency model needed)
+    spec = {"sim": "replay", "suite": "libero_object", "seed": 0, "replay": None, "clock": "wall", "latency": None,
+            "loop": asdict(LoopConfig(rate=args.rate, max_steps=args.steps))}
     results = {}
     for name in args.backends.split(","):
         results[name] = measure(name, args.envs, spec)

@@ -2,8 +2,9 @@
 # What produced profiles/bench-{h100,h200}-7b.{json,md}: run from the repository root on a CUDA machine that
 # has torch and transformers (no install needed: PYTHONPATH). Writes everything under ${OUT:-out/gpu}, files
 # named for ${GPU:-h100} (the machine's label).
-#   GPU=h200 bash scripts/gpu_bench.sh [kernels|prefill|split|bench|batch|profile|tests|parity|run|physics|libero|fleet ...]
-#   `physics`, `libero` and `fleet` need real LIBERO on the machine (on ours: ../shared/gpu-libero, set up before this script).
+#   GPU=h200 bash scripts/gpu_bench.sh [kernels|prefill|split|bench|batch|profile|tests|parity|run|physics|libero|fleet|evalrate ...]
+#   `physics`, `libero`, `fleet` and `evalrate` need real LIBERO on the machine (on ours: ../shared/gpu-libero, set
+#   up before this script).
 #   (default: kernels bench profile tests parity)
 set -u
 OUT=${OUT:-out/gpu}
@@ -224,6 +225,40 @@ for r in rows:
 print("fleet capacity (largest N that holds 20 Hz):", capacity)
 EOF
     ;;
+  evalrate)
+    # eval throughput (issue 16): `rtloop eval` on real LIBERO (set up first: ../shared/gpu-libero, then
+    # `. /opt/libero-site/env.sh`), N env workers feeding ONE batched policy, per N and clock. Each process
+    # builds (compiles) the engine and warms up every batch bucket N envs can fill before its first episode
+    # (minutes for compiled), so each run is short: EVAL_TOTAL episodes (default max(2N, 4): two rounds of the
+    # fleet) over the first tasks of libero_object, at most EVAL_STEPS policy steps each (280, the official
+    # libero_object limit; random weights never succeed, so every episode runs to it). eval reports episodes
+    # per hour over the invocation and after its setup; the summary projects the 500-episode protocol from
+    # the latter (a PROJECTION). A whole sweep (4 N x 2 clocks) is ~8 compiles: split it over calls, e.g.
+    # EVAL_NS=16 EVAL_CLOCKS=wall, and merge the outputs with scripts/evalrate_summary.py OUT1 OUT2 ...
+    # CPU dry run: EVAL_DEVICE=cpu EVAL_ENGINE=eager EVAL_CHECKPOINT=DIR EVAL_NS="1 2" EVAL_STEPS=5
+    [ -n "${EVAL_CHECKPOINT:-}" ] || checkpoint7b
+    engine=${EVAL_ENGINE:-compiled+fp8}
+    for clock in ${EVAL_CLOCKS:-wall virtual}; do
+      for n in ${EVAL_NS:-1 4 8 16}; do
+        total=${EVAL_TOTAL:-$(( 2 * n > 4 ? 2 * n : 4 ))}
+        per_task=$(( (total + 9) / 10 ))  # init states per task; libero_object has 10 tasks
+        tasks=$(( (total + per_task - 1) / per_task ))
+        name="evalrate-${EVAL_POLICY:-openvla}-${engine//+/_}-$clock-n$n"
+        dir="/tmp/evalrate/$name"
+        rm -rf "$dir" && mkdir -p "$dir"
+        say "rtloop eval --envs $n --clock $clock --engine $engine: $tasks tasks x $per_task init states (real LIBERO)"
+        timeout -s INT -k 30 ${EVAL_TIMEOUT:-580} python3 -m rtloop eval --suite libero_object --tasks "0-$((tasks - 1))" \
+          --episodes "$per_task" --envs "$n" --clock "$clock" --policy "${EVAL_POLICY:-openvla}" --engine "$engine" \
+          --device "${EVAL_DEVICE:-cuda}" --checkpoint "${EVAL_CHECKPOINT:-/tmp/ck7b}" --max-steps "${EVAL_STEPS:-280}" \
+          --out "$dir" 2> "$dir/stderr.txt" | tee -a "$LOG"
+        rc=${PIPESTATUS[0]}  # 124: the timeout stopped it (eval wrote its tables from the episodes done)
+        echo "exit $rc; stderr's end: $(tr '\r' '\n' < "$dir/stderr.txt" | grep -v 'ep/s' | tail -3)" | tee -a "$LOG"
+        mkdir -p "$OUT/$name" && cp "$dir"/table.json "$dir"/table.md "$dir"/results.jsonl "$OUT/$name/" 2>/dev/null
+        cp "$dir"/gpu.csv "$OUT/$name/" 2>/dev/null
+        tail -c 20000 "$dir/workers.log" > "$OUT/$name/workers-tail.log" 2>/dev/null
+      done
+    done
+    python3 scripts/evalrate_summary.py "$OUT" --json "$OUT/evalrate-$GPU.json" 2>&1 | tee -a "$LOG" ;;
   esac
 done
 say "done"

@@ -157,8 +157,6 @@ def validate(args: argparse.Namespace) -> None:
                                             args.latency_order)
     if not 0 <= args.metrics_port <= 65535:
         raise InputError(f"--metrics-port must be 0..65535 (got {args.metrics_port})")
-    if args.clock == "virtual" and args.envs is not None:
-        raise InputError("--clock virtual runs one env: a fleet (--envs) ticks on the wall clock")
     if args.replay is not None and not args.replay.exists():
         raise InputError(f"--replay {args.replay}: no such file")
     if args.trace is not None:

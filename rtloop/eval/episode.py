@@ -93,7 +93,7 @@ class EpisodeRunner:
         from rtloop.commands import run as command
         from rtloop.clock import WALL, VirtualClock
         from rtloop.runtime.loop import Runtime
-        from rtloop.runtime.records import Fanout, RunRecord
+        from rtloop.runtime.records import Fanout
         from rtloop.runtime.summary import RecordLog
 
         args = run_args(spec, task)
@@ -107,14 +107,10 @@ class EpisodeRunner:
             sinks.append(TraceSink(trace_path(Path(spec["trace_dir"]), spec["cell"], task, episode)))
         fanout = Fanout(sinks)
         config = loop_config(args)
-        fanout.on_record(RunRecord({
-            "cell": spec["cell"], "clock": args.clock, "rate": args.rate, "suite": self.env.suite, "task": task, "sync": args.sync,
-            "policy": self.policy.label, "sim": self.env.label, "instruction": self.env.instruction,
-            "horizon": self.env.horizon, "steps_limit": config.steps_limit(self.env.horizon),
-            "latency": args._latency.describe(),
-            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not k.startswith("_")},
-            "machine": command.machine(args.device), "versions": command.versions(),
-        }))
+        env = self.env
+        fanout.on_record(run_header(spec, args, self.policy.label, {
+            "suite": env.suite, "task": task, "label": env.label, "instruction": env.instruction,
+            "horizon": env.horizon, "steps_limit": config.steps_limit(env.horizon)}))
         virtual = args.clock == "virtual"
         runtime = Runtime(self.env, self.policy, self.sim_thread, self.policy_thread, fanout, config,
                           clock=VirtualClock() if virtual else WALL, latency=args._latency if virtual else None)
@@ -144,6 +140,21 @@ class EpisodeRunner:
         self.policy_thread.close()
 
 
+def run_header(spec: dict, args: argparse.Namespace, policy: str, env: dict):
+    """The RunRecord that heads an episode's records: its cell, the run's options, the policy's label and
+    its env's (`env`: suite, task, label, instruction, horizon, steps_limit, as a fleet worker describes it)."""
+    from rtloop.commands import run as command
+    from rtloop.runtime.records import RunRecord
+
+    return RunRecord({
+        "cell": spec["cell"], "clock": args.clock, "rate": args.rate, "suite": env["suite"], "task": env["task"],
+        "sync": args.sync, "policy": policy, "sim": env["label"], "instruction": env["instruction"],
+        "horizon": env["horizon"], "steps_limit": env["steps_limit"], "latency": args._latency.describe(),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not k.startswith("_")},
+        "machine": command.machine(args.device), "versions": command.versions(),
+    })
+
+
 def trace_path(trace_dir: Path, cell: str, task: int, episode: int) -> Path:
     return trace_dir / re.sub(r"[^A-Za-z0-9_.-]+", "_", cell) / f"task{task}-ep{episode}.jsonl"
 
@@ -158,6 +169,7 @@ def episode_row(cell: str, task: int, episode: int, records: list[dict], wall_s:
     summary = summarize(records)
     (outcome,) = summary["episodes"]
     ticks = [r for r in records if r["kind"] == "tick"]
+    sizes = [r["batch_size"] for r in records if r["kind"] == "inference"]
     ages = [r["action_age_s"] for r in ticks if r["action_age_s"] is not None]
     sources = Counter(r["action_source"] for r in ticks)
     return {
@@ -166,6 +178,8 @@ def episode_row(cell: str, task: int, episode: int, records: list[dict], wall_s:
         "ticks": summary["ticks"], **{source: sources[source] for source in ACTION_SOURCES},
         "frames_dropped": summary["frames_dropped"],
         "inferences": summary["inferences"], "sim_hz": summary["sim_hz"],
+        # frames per policy call, averaged over this episode's inferences (a fleet batches several envs')
+        "batch_size_mean": sum(sizes) / len(sizes) if sizes else None,
         "action_ages_ms": [round(a * 1e3, 2) for a in ages],  # the samples, so cells pool exact percentiles
         "alerts": summary["alerts"], "wall_s": round(wall_s, 3), **labels,
     }

@@ -46,7 +46,8 @@ def _worker(specs: dict[str, dict], todo: mp.Queue, done: mp.Queue, log_path: st
         close_runner()
 
 
-def _raise_interrupt(signum, frame) -> None:
+def raise_interrupt(signum, frame) -> None:
+    """A SIGTERM handler: the runners treat SIGTERM as Ctrl-C."""
     raise KeyboardInterrupt
 
 
@@ -72,7 +73,7 @@ def run_episodes(specs: dict[str, dict], keys: list[Key], workers: int, on_row: 
             signal.signal(signal.SIGINT, ignore)
         procs[proc.pid] = proc
 
-    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_term = signal.signal(signal.SIGTERM, raise_interrupt)
     in_flight: dict[int, Key] = {}
     left = len(keys)
     try:

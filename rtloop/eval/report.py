@@ -76,7 +76,9 @@ def sweep_tables(cells: dict[str, dict], rows: list[dict], notes: list[str]) -> 
     return "\n".join(md) + "\n", doc
 
 
-def eval_tables(rows: list[dict], notes: list[str], throughput: dict) -> tuple[str, dict]:
+def eval_tables(rows: list[dict], notes: list[str], throughput: dict, gpu: dict) -> tuple[str, dict]:
+    """gpu: rtloop.eval.gpu.GpuSampler.summary()."""
+    from rtloop.eval.gpu import describe
     by_task = group_by(rows, lambda r: r["task"])
     instructions = {r["task"]: r["instruction"] for r in rows if r.get("instruction")}
     total = aggregate(rows)
@@ -93,13 +95,20 @@ def eval_tables(rows: list[dict], notes: list[str], throughput: dict) -> tuple[s
         md.append(line(str(task), instructions.get(task, ""), a))
     md.append(line("**all**", "", total))
     eph = throughput.get("episodes_per_hour")
-    md += ["", f"Throughput (this invocation): {throughput['episodes']} episodes in {throughput['wall_s']:.1f} s "
-               f"with {throughput['workers']} worker processes = "
-               f"{'-' if eph is None else f'{eph:.0f}'} episodes per hour.", *alert_lines(rows)]
+    rate = (f"Throughput (this invocation): {throughput['episodes']} episodes in {throughput['wall_s']:.1f} s "
+            f"with {throughput['envs']} envs ({throughput['runner']}) = {'-' if eph is None else f'{eph:.0f}'} "
+            "episodes per hour")
+    if throughput.get("episodes_per_hour_running") is not None:
+        rate += (f"; {throughput['episodes_per_hour_running']:.0f} per hour over the {throughput['running_s']:.1f} s "
+                 f"after the {throughput['setup_s']:.1f} s setup (policy built and warmed up, first envs built)")
+    if throughput.get("frames_per_policy_call") is not None:
+        rate += (f". Frames per policy call: {throughput['frames_per_policy_call']:.1f} (mean over the table's "
+                 "inferences)")
+    md += ["", rate + ".", "", describe(gpu), *alert_lines(rows)]
     doc = {"kind": "eval", "policy": labels(rows, "policy"), "sim": labels(rows, "sim"), "notes": notes,
            "total": total, "tasks": [{"task": t, "instruction": instructions.get(t), **a}
                                      for t, a in sorted(by_task.items())],
-           "throughput": throughput}
+           "throughput": throughput, "gpu": gpu}
     return "\n".join(md) + "\n", doc
 
 

@@ -17,7 +17,6 @@ from rtloop.errors import InputError
 
 # `rtloop run` options that have no fleet form yet, and why
 NOT_IN_FLEET = {
-    "sync": "--sync (the blocking loop)",
     "video": "--video",
     "policy_process": "--policy-process (the fleet's policy already runs beside the envs, not under their GIL)",
 }
@@ -59,9 +58,40 @@ def validate_fleet(args: argparse.Namespace) -> None:
 
 
 def env_spec(args: argparse.Namespace) -> dict:
-    """What an env worker needs to build its env and pace it (plain values: it crosses to the worker)."""
-    return {"sim": args.sim, "suite": args.suite, "seed": args.seed, "rate": args.rate, "max_steps": args.max_steps,
-            "replay": None if args.replay is None else str(args.replay)}
+    """What an env worker needs to build its env and run its episodes (plain values: it crosses to the
+    worker): the env's options, the loop's config, the clock and, for the virtual clock, the latency model's
+    options (the worker builds the model; on the wall clock the policy is padded instead)."""
+    from dataclasses import asdict
+
+    from rtloop.commands import run as command
+
+    return {"sim": args.sim, "suite": args.suite, "seed": args.seed,
+            "replay": None if args.replay is None else str(args.replay),
+            "loop": asdict(command.loop_config(args)), "clock": args.clock,
+            "latency": {"inject_delay": args.inject_delay, "latency_profile": args.latency_profile,
+                        "latency_scale": args.latency_scale, "latency_order": args.latency_order}}
+
+
+def make_backend(args: argparse.Namespace, checkpoint, envs: int, log_path: str | None):
+    """Where the env workers and the policy live: local processes and this process, or Ray actors (Ray
+    started by validate_fleet). Builds the policy (`rtloop run`'s factory, on args.device)."""
+    from rtloop.commands import run as command
+
+    if args.backend == "ray":
+        from rtloop.fleet import ray_backend
+
+        return ray_backend.RayBackend(args.device, env_spec(args), envs, command.build_policy,
+                                      (args, checkpoint, args.device))
+    from rtloop.fleet.local import LocalBackend
+
+    return LocalBackend(env_spec(args), log_path, command.build_policy, (args, checkpoint, args.device))
+
+
+def make_fleet(args: argparse.Namespace, backend, envs: int, sinks):
+    from rtloop.fleet.fleet import Fleet
+    from rtloop.fleet.worker import waits_for_actions
+
+    return Fleet(backend.make_link, envs, backend.policies, sinks, args.suite, waits=waits_for_actions(env_spec(args)))
 
 
 def policy_threads(envs: int) -> int:
@@ -72,7 +102,6 @@ def policy_threads(envs: int) -> int:
 def main(args: argparse.Namespace) -> int:
     import anyio
 
-    from rtloop.fleet.fleet import Fleet
     from rtloop.commands import run as command
     from rtloop.runtime.live import LiveView, run_live_view
     from rtloop.runtime.loop import LoopConfig, first_error
@@ -97,15 +126,7 @@ def main(args: argparse.Namespace) -> int:
     envs = min(args.envs, len(assignments))
 
     with ExitStack() as cleanup:
-        if args.backend == "ray":
-            from rtloop.fleet import ray_backend
-
-            backend = ray_backend.RayBackend(device, env_spec(args), envs, command.build_policy,
-                                             (args, checkpoint, device))
-        else:
-            from rtloop.fleet.local import LocalBackend
-
-            backend = LocalBackend(env_spec(args), str(workers_log), command.build_policy, (args, checkpoint, device))
+        backend = make_backend(args, checkpoint, envs, str(workers_log))
         cleanup.callback(backend.close)
         log, trace = RecordLog(), TraceSink(trace_path)
         cleanup.callback(trace.close)
@@ -118,11 +139,12 @@ def main(args: argparse.Namespace) -> int:
             sinks.append(prometheus)
         config = LoopConfig(rate=args.rate, max_steps=args.max_steps)
         fanout = Fanout(sinks)
-        fleet = Fleet(backend.make_link, envs, backend.policies, fanout, args.suite)
+        fleet = make_fleet(args, backend, envs, fanout)
         cleanup.callback(fleet.close)
         label = backend.policies[0][0].label
         title = (f"rtloop run: {label} | fleet of {envs} envs ({args.backend}) | {args.sim} {args.suite} task "
-                 f"{args.task} | async at {args.rate:g} Hz on {device}")
+                 f"{args.task} | {'sync' if args.sync else 'async'} at {args.rate:g} Hz, {args.clock} clock, "
+                 f"on {device}")
         live = None
 
         async def run_all() -> None:
@@ -130,7 +152,8 @@ def main(args: argparse.Namespace) -> int:
             await fleet.prepare(assignments)
             info = fleet.slots[0].info
             fanout.on_record(RunRecord({
-                "rate": args.rate, "suite": args.suite, "task": args.task, "engine": args.engine, "sync": False,
+                "rate": args.rate, "suite": args.suite, "task": args.task, "engine": args.engine, "sync": args.sync,
+                "clock": args.clock,
                 "envs": envs, "backend": args.backend, "policy": label, "mujoco_warning": mujoco_warning, "random_weights": "RANDOM WEIGHTS" in label,
                 "sim": info["label"], "instruction": info["instruction"], "horizon": info["horizon"],
                 "steps_limit": info["steps_limit"], "checkpoint": str(checkpoint), "device": device,

@@ -4,12 +4,20 @@ env worker, all in one task group.
 Each env worker ticks on its own clock and ships every frame it renders; its slot here keeps the newest
 unread one (a newer frame overwrites it and counts as dropped, as in the one-slot mailbox). The inference
 task takes the newest unread frame of every env that has one, oldest arrival first, up to the largest
-batch, runs ONE policy call on them (`act_batch` when the policy has it, else `act` per frame) and hands
-each env its action. It never waits for an env: an env that is slow only has no frame in the batch, and a
-message to a worker whose pipe is full is not sent (the action is stale by then anyway).
+batch, runs ONE policy call on them (`act_batch` when the policy has it, with each frame's env as its
+stream, else `act` per frame) and hands each env its action. Each frame goes with its env's instruction
+of the moment: an env whose next episode is another task says so when the episode starts. It never waits
+for an env: an env that is slow only has no frame in the batch, and a message to a worker whose pipe is
+full is not sent (the action is stale by then anyway). An inference that ends after its episode did is
+dropped unrecorded, as a single env's runtime cancels the one in flight.
+
+With --sync or on the virtual clock (`waits`) each env waits for its action, so its frames come one at a
+time; the env's own runtime records each inference, on its own clock, from what the action message
+carries (the batch's stage times, wall time and size).
 
 A worker that dies (or sends nothing for `stall_s`) ends its episode with a `worker` error record; a new
-worker takes its next episode, and the other envs never notice.
+worker takes its next episode, and the other envs never notice. An env that finishes an episode takes the
+next assignment of its own task while there is one (`rtloop eval` queues several tasks), else the next.
 """
 
 from __future__ import annotations
@@ -54,7 +62,9 @@ class EnvLink(Protocol):
 
     async def prepare(self, task: int, episode: int) -> tuple[Observation, dict]: ...
     def start(self, task: int, episode: int) -> None: ...
-    def send_action(self, episode: int, seq: int, action: list[float], frame_time: float, dropped: int) -> bool: ...
+    def send_action(self, episode: int, seq: int, action: list[float], frame_time: float, dropped: int,
+                    raw: list[float], stages: dict[str, float], batch_s: float, batch_size: int,
+                    batch_index: int) -> bool: ...
     def abort(self, episode: int, kind: str, message: str) -> None: ...
     async def receive(self) -> list[tuple]: ...  # ("frame", PendingFrame) | ("record", kind, dict) | ("fatal", message)
     def close(self) -> None: ...
@@ -68,6 +78,7 @@ class EnvSlot:
     first: tuple[int, int] | None = None  # the (task, episode) its worker was prepared for
     episode: int | None = None  # in flight
     pending: PendingFrame | None = None  # the newest unread frame
+    in_batch: bool = False  # a frame of it is in the policy call running now
     dropped: int = 0  # frames of this episode overwritten here unread
     steps: int = 0  # ticks of this episode so far
 
@@ -87,19 +98,35 @@ def take_batch(slots: list[EnvSlot], cap: int) -> list[tuple[EnvSlot, PendingFra
     return batch
 
 
-def run_batch(policy: Policy, observations: list[Observation], instructions: list[str]) -> list[PolicyOutput]:
+def run_batch(policy: Policy, observations: list[Observation], instructions: list[str],
+              streams: list[int]) -> list[PolicyOutput]:
     """One policy call for the batch: the policy's own `act_batch` when it has one, else one `act` per
-    frame (so any policy serves a fleet)."""
+    frame (so any policy serves a fleet). `streams`: each frame's env, so the policy's per-stream checks
+    (a frame against the one before it) compare frames of one env."""
     act_batch = getattr(policy, "act_batch", None)
     if act_batch is not None:
-        return list(act_batch(observations, instructions))
+        return list(act_batch(observations, instructions, streams=streams))
     return [policy.act(obs, text) for obs, text in zip(observations, instructions)]
+
+
+def warm_batches(policy: Policy, obs: Observation, instruction: str, envs: int) -> None:
+    """One call of every batch bucket above 1 that `envs` envs can fill, on the first frame: an engine
+    compiles and captures a bucket on first use (minutes for compiled), which must not happen mid-run.
+    Their streams are negative, no env's; their alerts are the warm-up frame's, which `warmup` keeps."""
+    if getattr(policy, "act_batch", None) is None:  # frame by frame: nothing per batch size to build
+        return
+    largest = next((b for b in BUCKETS if b >= min(envs, MAX_BATCH)), MAX_BATCH)
+    for size in (b for b in BUCKETS if 1 < b <= largest):
+        policy.act_batch([obs] * size, [instruction] * size, streams=[-1 - i for i in range(size)])
 
 
 class Fleet:
     def __init__(self, make_link: Callable[[int], EnvLink], envs: int, policies: list[tuple[Policy, WorkerThread]],
-                 sinks: Fanout, suite: str, max_batch: int = MAX_BATCH, stall_s: float = STALL_S) -> None:
+                 sinks: Fanout, suite: str, max_batch: int = MAX_BATCH, stall_s: float = STALL_S,
+                 waits: bool = False) -> None:
+        """waits: the envs wait for each action (rtloop.fleet.worker.waits_for_actions)."""
         self.make_link = make_link
+        self.waits = waits
         self.slots = [EnvSlot(i, info={"suite": suite}) for i in range(envs)]
         self.policies = policies
         self.sinks = sinks
@@ -114,7 +141,7 @@ class Fleet:
 
     async def prepare(self, assignments: list[tuple[int, int]]) -> Observation:
         """Start the workers, build each env for its first (task, episode) and warm every policy replica
-        up on the first env's first frame. Returns that frame."""
+        up on the first env's first frame, every batch size the envs can fill included. Returns that frame."""
         self.todo = list(assignments)
         firsts: dict[int, tuple[Observation, dict]] = {}
 
@@ -130,8 +157,12 @@ class Fleet:
         obs, info = firsts[0]
         async with anyio.create_task_group() as tg:
             for policy, thread in self.policies:
-                tg.start_soon(thread.run, policy.warmup, obs, info["instruction"])
+                tg.start_soon(self._warm, policy, thread, obs, info["instruction"])
         return obs
+
+    async def _warm(self, policy: Policy, thread: WorkerThread, obs: Observation, instruction: str) -> None:
+        await thread.run(policy.warmup, obs, instruction)
+        await thread.run(warm_batches, policy, obs, instruction, len(self.slots))
 
     def close(self) -> None:
         for slot in self.slots:
@@ -164,7 +195,13 @@ class Fleet:
                 await self._run_episode(slot, task, episode)
             except WorkerError as exc:
                 self._worker_failed(slot, task, episode, str(exc))
-            assignment = self.todo.pop(0) if self.todo else None
+            assignment = self._next_assignment(task)
+
+    def _next_assignment(self, task: int) -> tuple[int, int] | None:
+        """The first assignment left of `task`, else the first left: an env keeps its env while its task
+        has episodes to run (building a LIBERO env takes seconds)."""
+        same = next((i for i, (t, _) in enumerate(self.todo) if t == task), 0)
+        return self.todo.pop(same) if self.todo else None
 
     async def _run_episode(self, slot: EnvSlot, task: int, episode: int) -> None:
         slot.episode, slot.pending, slot.dropped, slot.steps = episode, None, 0, 0
@@ -174,6 +211,8 @@ class Fleet:
                 with anyio.move_on_after(self.stall_s) as timer:
                     messages = await slot.link.receive()
                 if timer.cancelled_caught:
+                    if slot.in_batch:  # a waiting env is silent while its frame is in the policy call
+                        continue
                     raise WorkerError(f"env {slot.index}: its worker sent nothing for {self.stall_s:g} s")
                 for message in messages:
                     if self._handle(slot, episode, message):
@@ -193,9 +232,13 @@ class Fleet:
         if message[0] == "fatal":
             raise InputError(message[1])
         _, kind, record = message
-        if kind == "tick":
+        if kind == "env":  # the env of its episode starting now: its task's instruction
+            slot.info.update(record)
+        elif kind == "tick":
             slot.steps = record["step"] + 1
             self.sinks.on_record(TickRecord(**record))
+        elif kind == "inference":  # a waiting env's own record of its inference
+            self.sinks.on_record(InferenceRecord(**record))
         elif kind == "error":
             self.sinks.on_record(ErrorRecord(**record))
         elif kind == "alert":
@@ -233,26 +276,38 @@ class Fleet:
             if not items:
                 continue
             t_start = clock.now()
+            for slot, _, _ in items:
+                slot.in_batch = True
             try:
                 outs = await thread.run(run_batch, policy, [obs for _, _, obs in items],
-                                        [slot.info["instruction"] for slot, _, _ in items])
+                                        [slot.info["instruction"] for slot, _, _ in items],
+                                        [slot.index for slot, _, _ in items])
             except Exception as exc:  # every env of the batch ends its episode on it, as one env would
                 kind, message = one_line(exc) if isinstance(exc, RtloopError) else ("policy", f"{type(exc).__name__}: {exc}")
                 for slot, frame, _ in items:
                     if slot.link is not None and slot.episode == frame.episode:
                         slot.link.abort(frame.episode, kind, message)
                 continue
+            finally:
+                for slot, _, _ in items:
+                    slot.in_batch = False
             t_end = clock.now()
             for i, ((slot, frame, _), out) in enumerate(zip(items, outs)):
+                current = slot.link is not None and slot.episode == frame.episode
+                for alert in out.alerts:  # a guard alerts once per env: kept, unattributed if the episode is over
+                    self.sinks.on_record(AlertRecord(alert.kind, alert.message, t_end,
+                                                     frame.episode if current else None, env=slot.index))
+                if not current:
+                    continue
                 self.inference_seq += 1
                 action = [float(x) for x in out.action]
-                if slot.link is not None and slot.episode == frame.episode:
-                    slot.link.send_action(frame.episode, self.inference_seq, action, frame.captured_at, slot.dropped)
-                self.sinks.on_record(InferenceRecord(
-                    episode=frame.episode, seq=self.inference_seq, frame_seq=frame.seq, frame_time=frame.captured_at,
-                    t_start=t_start, t_end=t_end, queue_wait_s=t_start - t_wait, frame_age_s=t_start - frame.captured_at,
-                    stages={k: float(v) for k, v in out.timings.items()}, action=action, env=slot.index,
-                    batch_size=len(items), batch_index=i,
-                ))
-                for alert in out.alerts:
-                    self.sinks.on_record(AlertRecord(alert.kind, alert.message, t_end, frame.episode, env=slot.index))
+                stages = {k: float(v) for k, v in out.timings.items()}
+                slot.link.send_action(frame.episode, self.inference_seq, action, frame.captured_at, slot.dropped,
+                                      [float(x) for x in out.raw_action], stages, t_end - t_start, len(items), i)
+                if not self.waits:
+                    self.sinks.on_record(InferenceRecord(
+                        episode=frame.episode, seq=self.inference_seq, frame_seq=frame.seq,
+                        frame_time=frame.captured_at, t_start=t_start, t_end=t_end, queue_wait_s=t_start - t_wait,
+                        frame_age_s=t_start - frame.captured_at, stages=stages, action=action, env=slot.index,
+                        batch_size=len(items), batch_index=i,
+                    ))

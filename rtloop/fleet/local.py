@@ -58,8 +58,8 @@ class ProcessEnvLink:
     def start(self, task: int, episode: int) -> None:
         self._send(["episode", task, episode])
 
-    def send_action(self, episode: int, seq: int, action: list[float], frame_time: float, dropped: int) -> bool:
-        return self._send(["action", episode, seq, action, frame_time, dropped])
+    def send_action(self, *answer) -> bool:
+        return self._send(["action", *answer])
 
     def abort(self, episode: int, kind: str, message: str) -> None:
         self._send(["abort", episode, kind, message])

@@ -137,8 +137,8 @@ def _remote_classes():
         def describe(self) -> tuple[str, bool]:
             return self.policy.label, self.policy.needs_images
 
-        def act_batch(self, observations, instructions):
-            return run_batch(self.policy, observations, instructions)
+        def act_batch(self, observations, instructions, streams):
+            return run_batch(self.policy, observations, instructions, streams)
 
         def warmup(self, obs, instruction) -> None:
             self.policy.warmup(obs, instruction)
@@ -159,8 +159,9 @@ class RayPolicy:
         self.label, self.needs_images = ray.get(actor.describe.remote())
         self.label += " [Ray actor]"
 
-    def act_batch(self, observations, instructions):
-        return self._get(self.actor.act_batch.remote(observations, instructions))
+    def act_batch(self, observations, instructions, streams=None):
+        streams = list(range(len(observations))) if streams is None else streams
+        return self._get(self.actor.act_batch.remote(observations, instructions, streams))
 
     def act(self, obs, instruction):
         return self.act_batch([obs], [instruction])[0]
@@ -195,8 +196,8 @@ class RayEnvLink:
     def start(self, task: int, episode: int) -> None:
         self.actor.run_episode.remote(task, episode)  # its records, the last included, come through messages
 
-    def send_action(self, episode: int, seq: int, action: list[float], frame_time: float, dropped: int) -> bool:
-        self.actor.action.remote(episode, seq, action, frame_time, dropped)
+    def send_action(self, *answer) -> bool:
+        self.actor.action.remote(*answer)
         return True
 
     def abort(self, episode: int, kind: str, message: str) -> None:

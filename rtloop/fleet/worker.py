@@ -3,6 +3,9 @@ rtloop.fleet.ray_backend). The sim task is the single-env runtime's own (`Runtim
 pacer and deadlines, its own latest-frame mailbox, the newest action it has applied fresh, held or dummy.
 What differs is the mailbox's consumer: instead of running the policy it ships each frame to the fleet's
 inference task, and the actions that come back reach the runtime's action selector (`Runtime.offer`).
+With --sync or on the virtual clock the env waits for each action, as a single env does there: the
+runtime's `act` ships the frame and waits for its answer, and the env's own runtime records the inference
+on its own clock (`waits_for_actions`).
 
 The transport is a `Link`: `ship(episode, frame)` and `emit(kind, record)` outward; the worker's
 `on_action` and `on_abort` inward.
@@ -21,7 +24,8 @@ import anyio
 import numpy as np
 
 from rtloop.errors import PolicyError
-from rtloop.runtime.loop import Action, LoopConfig, Runtime
+from rtloop.policy.base import PolicyOutput
+from rtloop.runtime.loop import Action, Answer, LoopConfig, Runtime
 from rtloop.runtime.mailbox import Frame, LatestFrameMailbox
 from rtloop.runtime.records import (AlertRecord, EpisodeRecord, ErrorRecord, Fanout, InferenceRecord, Record,
                                     TickRecord, to_dict)
@@ -35,6 +39,11 @@ class Link(Protocol):
     def emit(self, kind: str, record: dict) -> None: ...
 
 
+def waits_for_actions(spec: dict) -> bool:
+    """Whether the env waits for each action (sync, the virtual clock) rather than ticking on without it."""
+    return spec["loop"]["sync"] or spec["clock"] == "virtual"
+
+
 class LinkSink:
     """The worker's records go to the parent, which hands them to the run's sinks."""
 
@@ -42,9 +51,7 @@ class LinkSink:
         self.link, self.env_index = link, env_index
 
     def on_record(self, record: Record) -> None:
-        if isinstance(record, InferenceRecord):  # a worker runs no policy
-            raise AssertionError("an env worker makes no inference records")
-        if isinstance(record, (TickRecord, EpisodeRecord, ErrorRecord, AlertRecord)):
+        if isinstance(record, (TickRecord, InferenceRecord, EpisodeRecord, ErrorRecord, AlertRecord)):
             self.link.emit(record.kind, to_dict(record))
 
     def close(self) -> None:
@@ -64,6 +71,7 @@ class EnvWorker:
 
     def __init__(self, spec: dict, index: int, link: Link) -> None:
         self.spec, self.index, self.link = spec, index, link
+        self.waits = waits_for_actions(spec)
         self.sim_thread = WorkerThread(f"rtloop-sim-{index}")
         self.env = None
         self.task: int | None = None
@@ -73,6 +81,8 @@ class EnvWorker:
         self._reported_dropped = 0
         self._abort: anyio.Event | None = None
         self._abort_error: PolicyError | None = None
+        self._answered: anyio.Event | None = None  # waiting for the answer to the frame shipped (waits)
+        self._answer: Answer | None = None
 
     def prepare(self, task: int, episode: int) -> Frame:
         """Build the env for `task` (if it has another one) and return its first frame of `episode`:
@@ -86,11 +96,24 @@ class EnvWorker:
                 self.env = None
             self.env = self.sim_thread.call(command.build_env, env_args(self.spec, task))
             self.task = task
-            sink = LinkSink(self.link, self.index)
-            config = LoopConfig(rate=self.spec["rate"], max_steps=self.spec["max_steps"])
-            self.runtime = Runtime(self.env, None, self.sim_thread, None, Fanout([sink]), config, env_index=self.index)
+            self.runtime = self._runtime()
         obs = self.sim_thread.call(self.env.reset, episode)
         return Frame(0, obs, clock.now())
+
+    def _runtime(self) -> Runtime:
+        from rtloop.clock import WALL, VirtualClock
+
+        latency = None
+        if self.spec["clock"] == "virtual":
+            from rtloop.runtime.latency import latency_model_from_args
+
+            options = self.spec["latency"]
+            latency = latency_model_from_args(options["inject_delay"], options["latency_profile"],
+                                              options["latency_scale"], self.spec["seed"], options["latency_order"])
+        return Runtime(self.env, None, self.sim_thread, None, Fanout([LinkSink(self.link, self.index)]),
+                       LoopConfig(**self.spec["loop"]), env_index=self.index,
+                       clock=VirtualClock() if latency is not None else WALL, latency=latency,
+                       act=self._ask if self.waits else None)
 
     def describe(self) -> dict:
         env, config = self.env, self.runtime.config
@@ -105,9 +128,11 @@ class EnvWorker:
         try:
             if self.task != task:
                 await anyio.to_thread.run_sync(self.prepare, task, episode)
+            self.link.emit("env", self.describe())  # the instruction the parent batches this env's frames with
             self.episode, self.mailbox = episode, LatestFrameMailbox()
             self._reported_dropped = 0
             self._abort = anyio.Event()
+            self._abort_error = None
             await self.runtime.run_episode(episode, self.mailbox, self._consume)
         except InputError as exc:
             self.link.emit("fatal", {"message": str(exc)})
@@ -124,12 +149,31 @@ class EnvWorker:
         await self._abort.wait()
         raise self._abort_error
 
-    def on_action(self, episode: int, seq: int, value, frame_time: float, dropped: int) -> None:
+    async def _ask(self, frame: Frame) -> Answer:
+        """The runtime's `act` when the env waits for its actions: the frame goes to the fleet's inference
+        task like any other, and the episode waits for its answer (or the policy's error)."""
+        self._answer, self._answered = None, anyio.Event()
+        self.link.ship(self.episode, frame)
+        await self._answered.wait()
+        if self._abort_error is not None:
+            raise self._abort_error
+        return self._answer
+
+    def on_action(self, episode: int, seq: int, value, frame_time: float, dropped: int, raw, stages: dict,
+                  batch_s: float, batch_size: int, batch_index: int) -> None:
         """An action from the parent. `dropped`: frames of this episode the parent overwrote unread, so
-        this env's tick records count every drop, wherever it happened."""
+        this env's tick records count every drop, wherever it happened. The rest is what a waiting env's
+        runtime records: the model's raw action, the batch's stage times, wall time and size."""
         if episode != self.episode:  # computed from a frame of an episode that is over
             return
-        self.runtime.offer(Action(np.asarray(value, dtype=np.float64), seq, frame_time))
+        action = np.asarray(value, dtype=np.float64)
+        if self.waits:
+            if self._answered is not None and not self._answered.is_set():
+                output = PolicyOutput(action, np.asarray(raw, dtype=np.float64), stages)
+                self._answer = Answer(output, batch_s, batch_size, batch_index)
+                self._answered.set()
+        else:
+            self.runtime.offer(Action(action, seq, frame_time))
         self.mailbox.dropped += dropped - self._reported_dropped
         self._reported_dropped = dropped
 
@@ -139,6 +183,8 @@ class EnvWorker:
             self._abort_error = PolicyError(message)
             self._abort_error.kind = kind  # the policy's own kind of error (action, input, policy)
             self._abort.set()
+            if self._answered is not None:
+                self._answered.set()
 
     def close(self) -> None:
         if self.env is not None:
@@ -191,7 +237,9 @@ class PipeLink:
 def serve(conn, spec: dict, index: int, log_path: str | None) -> None:
     """The worker process (spawned): answer the parent's messages until it says stop or goes away.
       parent -> worker: ["prepare", task, episode] ["episode", task, episode]
-                        ["action", episode, seq, [7 floats], frame_time, dropped] ["abort", episode, message]
+                        ["action", episode, seq, [7 floats], frame_time, dropped, [7 raw floats], {stage: s},
+                         batch_s, batch_size, batch_index]
+                        ["abort", episode, kind, message]
                         ["stop"]
       worker -> parent: ["ready", ...frame, info] ["frame", ...] ["record", kind, dict]
     """

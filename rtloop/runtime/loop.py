@@ -31,7 +31,7 @@ from rtloop.runtime.mailbox import Frame, LatestFrameMailbox
 from rtloop.runtime.records import (AlertRecord, EpisodeRecord, ErrorRecord, InferenceRecord, Sink,
                                     TickRecord)
 from rtloop.runtime.worker import WorkerThread
-from rtloop.sim.base import Observation, SimEnv, StepResult
+from rtloop.sim.base import SimEnv, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,21 @@ class Action:
     frame_seq: int | None = None  # that frame's step index (a chunk's first action is meant for the step after it)
     chunk: np.ndarray | None = None  # [H, 7] when the policy returned a chunk
 
+
+@dataclass
+class Answer:
+    """One inference's result as the loops use it."""
+
+    output: PolicyOutput
+    wall_s: float  # the call's wall time: what the measured latency model charges on the virtual clock
+    batch_size: int = 1  # frames in the policy call it came from (a fleet batches several envs' frames)
+    batch_index: int = 0  # this frame's place in that call
+
+
+# act(frame) -> Answer: how the runtime's own inference task, blocking loop and virtual loop get an action
+# (by default the policy's `act` on the policy thread; a fleet's env worker that waits for its actions asks
+# the fleet's batched inference task instead, rtloop.fleet.worker)
+Act = Callable[[Frame], Awaitable[Answer]]
 
 # consumer(episode, mailbox): what takes the sim's frames during an episode (the inference task, or a fleet
 # worker's link to the fleet's one inference task, which hands actions back through Runtime.offer)
@@ -238,13 +253,15 @@ class Runtime:
         clock=WALL,
         latency=None,
         new_selector=None,
+        act: Act | None = None,
     ) -> None:
         """env_index: stamped on every record (which env of a fleet, rtloop.fleet).
         clock: rtloop.clock.WALL, a VirtualClock, or any object with now() and async sleep_until(t).
         latency: on a VirtualClock, the latency model (rtloop.runtime.latency: `sample(index, measured_s)`
         -> seconds, `label`); unused on the wall clock, where rtloop.runtime.slow pads the calls instead.
         new_selector(max_age) -> the episode's action selector (default: a ChunkSelector with the
-        config's threshold and merge rule, which runs a policy without chunks as ActionSelector does)."""
+        config's threshold and merge rule, which runs a policy without chunks as ActionSelector does).
+        act: how an inference is made (see Act; default: `policy.act` on policy_thread)."""
         self.env = env
         self.env_index = env_index
         self.policy = policy
@@ -258,6 +275,7 @@ class Runtime:
             raise ValueError("a virtual clock needs a latency model")
         self.latency = latency
         self.new_selector = chunk_selector_factory(config) if new_selector is None else new_selector
+        self.act = self._policy_act if act is None else act
         self.inference_seq = 0  # counts across the run
         self.dropped_before = 0  # frames dropped in earlier episodes
         self.stale_alerted = False
@@ -346,8 +364,8 @@ class Runtime:
             if not ep.selector.wants_inference():
                 continue
             t_start = self.clock.now()
-            out, _ = await self._act(frame.obs)
-            self._deliver(ep, frame, out, t_start, self.clock.now(), t_start - t_wait)
+            answer = await self._act(frame)
+            self._deliver(ep, frame, answer, t_start, self.clock.now(), t_start - t_wait)
 
     async def _blocking_loop(self, ep: EpisodeState) -> None:
         """The chapter's loop: frame -> act -> step, the sim waiting for the model. Paced to the same
@@ -360,11 +378,11 @@ class Runtime:
             frame = ep.mailbox.take_nowait()
             t_apply = t_start
             if ep.selector.wants_inference():  # always, but while a chunk is executing
-                out, wall_s = await self._act(frame.obs)
+                answer = await self._act(frame)
                 if self.virtual:
-                    await self.clock.sleep_until(t_start + self._latency(wall_s))
+                    await self.clock.sleep_until(t_start + self._latency(answer.wall_s))
                 t_apply = self.clock.now()
-                self._deliver(ep, frame, out, t_start, t_apply, 0.0)
+                self._deliver(ep, frame, answer, t_start, t_apply, 0.0)
             t_end = t_apply + ep.pacer.period if self.virtual else None
             if (await self._tick(ep, step, deadline, t_start, t_apply, t_end)).done:
                 return
@@ -376,21 +394,21 @@ class Runtime:
         tick starting at or after t + L; then the next inference starts, on the newest frame. The policy
         and the env are called one after the other (still on their threads), so the result depends only on
         the latency model and the seeds. With L = 0 every frame gets its own action at once: the sync loop."""
-        pending: tuple[float, Frame, PolicyOutput, float] | None = None  # (due, frame, output, start)
+        pending: tuple[float, Frame, Answer, float] | None = None  # (due, frame, answer, start)
         for step in range(self.config.steps_limit(self.env.horizon)):
             deadline = await ep.pacer.wait()
             t = self.clock.now()
             while True:
                 if pending is not None and pending[0] <= t:
-                    due, frame, out, t_inf = pending
+                    due, frame, answer, t_inf = pending
                     wait = 0.0 if ep.idle_since is None else t_inf - ep.idle_since
-                    self._deliver(ep, frame, out, t_inf, due, wait)
+                    self._deliver(ep, frame, answer, t_inf, due, wait)
                     ep.idle_since, pending = t, None
                 if pending is None and (frame := ep.mailbox.take_nowait()) is not None:
                     if not ep.selector.wants_inference():
                         continue
-                    out, wall_s = await self._act(frame.obs)
-                    pending = (t + self._latency(wall_s), frame, out, t)
+                    answer = await self._act(frame)
+                    pending = (t + self._latency(answer.wall_s), frame, answer, t)
                     continue
                 break
             if (await self._tick(ep, step, deadline, t, t, deadline + ep.pacer.period)).done:
@@ -450,9 +468,10 @@ class Runtime:
         ep.steps, ep.success = step + 1, result.success
         return result
 
-    def _deliver(self, ep: EpisodeState, frame: Frame, out: PolicyOutput, t_start: float, t_end: float,
+    def _deliver(self, ep: EpisodeState, frame: Frame, answer: Answer, t_start: float, t_end: float,
                  queue_wait: float) -> None:
         """An inference's action reaches the selector; its record and alerts go out."""
+        out = answer.output
         ep.selector.offer(Action(out.action, self.inference_seq, frame.captured_at, frame.seq, out.chunk))
         self._emit(InferenceRecord(
             episode=ep.episode,
@@ -465,6 +484,8 @@ class Runtime:
             frame_age_s=t_start - frame.captured_at,
             stages={k: float(v) for k, v in out.timings.items()},
             action=[float(x) for x in out.action],
+            batch_size=answer.batch_size,
+            batch_index=answer.batch_index,
         ))
         for alert in out.alerts:
             self._emit(AlertRecord(alert.kind, alert.message, t_end, ep.episode))
@@ -477,14 +498,18 @@ class Runtime:
         except Exception as exc:
             raise SimError(f"{type(exc).__name__}: {exc}") from exc
 
-    async def _act(self, obs: Observation) -> tuple[PolicyOutput, float]:
-        """(output, wall seconds of the call); the call gets the next inference number."""
-        w0 = wall.now()
+    async def _act(self, frame: Frame) -> Answer:
+        """The inference on `frame`; it gets the next inference number."""
         try:
-            out = await self.policy_thread.run(self.policy.act, obs, self.env.instruction)
+            answer = await self.act(frame)
         except RtloopError:
             raise
         except Exception as exc:
             raise PolicyError(f"{type(exc).__name__}: {exc}") from exc
         self.inference_seq += 1
-        return out, wall.now() - w0
+        return answer
+
+    async def _policy_act(self, frame: Frame) -> Answer:
+        w0 = wall.now()
+        out = await self.policy_thread.run(self.policy.act, frame.obs, self.env.instruction)
+        return Answer(out, wall.now() - w0)

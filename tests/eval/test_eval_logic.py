@@ -141,9 +141,13 @@ def test_sweep_tables_and_plot(tmp_path):
 def test_eval_table_per_task_with_total_and_throughput():
     rows = [row(cell="eval", task=t, episode=e, success=(t == 3)) | {"instruction": f"task {t} words"}
             for t in (0, 3) for e in range(4)]
-    md, doc = report.eval_tables(rows, [], {"episodes": 8, "wall_s": 36.0, "workers": 2, "episodes_per_hour": 800.0})
+    throughput = {"episodes": 8, "wall_s": 36.0, "envs": 2, "runner": "fleet", "episodes_per_hour": 800.0,
+                  "setup_s": 12.0, "running_s": 24.0, "episodes_per_hour_running": 1200.0}
+    md, doc = report.eval_tables(rows, [], throughput, {"sampled": False, "reason": "the policy runs on cpu"})
     assert "| 3 | task 3 words | 4 | 100% (4/4) | 51-100% |" in md
     assert "| **all** |  | 8 | 50% (4/8) |" in md and "800 episodes per hour" in md
+    assert "1200 per hour over the 24.0 s after the 12.0 s setup" in md
+    assert "GPU utilisation: n/a (the policy runs on cpu)." in md and doc["gpu"]["sampled"] is False
     assert [t["task"] for t in doc["tasks"]] == [0, 3] and doc["total"]["successes"] == 4
 
 

@@ -121,7 +121,8 @@ def test_eval_writes_a_per_task_table_with_throughput(tiny_checkpoint, tmp_path)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["eval", "--backend", "ray"], "--backend ray is not in rtloop yet"),
+    (["eval", "--backend", "ray", "--policy", "expert"], "--backend ray runs one batched policy for all envs"),
+    (["eval", "--address", "127.0.0.1:6379"], "--address is for --backend ray"),
     (["eval", "--envs", "4096"], "more than this machine's"),
     (["eval", "--episodes", "51"], "--episodes must be 1..50"),
     (["sweep", "--latency", "0.1,-0.05"], "must be >= 0 (got -0.05)"),

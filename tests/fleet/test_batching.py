@@ -3,6 +3,8 @@ act_batch is served, and that a dead worker ends only its own episode."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import anyio
 import numpy as np
 import pytest
@@ -58,18 +60,24 @@ class OneAtATime:
 
 
 class Batched(OneAtATime):
-    def act_batch(self, observations, instructions):
+    def __init__(self):
+        super().__init__()
+        self.streams = []
+
+    def act_batch(self, observations, instructions, streams=None):
         self.calls.append(list(instructions))
+        self.streams.append(streams)
         return [PolicyOutput(np.full(7, i, float), np.zeros(7), {}) for i in range(len(observations))]
 
 
 def test_a_policy_without_act_batch_is_called_once_per_frame_in_order():
     obs = [Observation(None)] * 3
     policy = OneAtATime()
-    outs = run_batch(policy, obs, ["a", "b", "c"])
+    outs = run_batch(policy, obs, ["a", "b", "c"], [0, 1, 2])
     assert policy.calls == ["a", "b", "c"] and [o.action[0] for o in outs] == [1, 2, 3]
     batched = Batched()
-    assert len(run_batch(batched, obs, ["a", "b", "c"])) == 3 and batched.calls == [["a", "b", "c"]]
+    assert len(run_batch(batched, obs, ["a", "b", "c"], [4, 0, 2])) == 3 and batched.calls == [["a", "b", "c"]]
+    assert batched.streams == [[4, 0, 2]]
 
 
 class FakeLink:
@@ -156,3 +164,98 @@ def test_a_dead_worker_ends_only_its_episode_and_a_new_one_takes_the_next(policy
     assert {r["env"] for r in infs} == {0, 1, 2}
     assert all(1 <= r["batch_size"] <= 3 for r in infs)
     assert all(link.actions for link in links if link.die_after is None)  # every healthy env got actions
+
+
+class TaskLink(FakeLink):
+    """As FakeLink, but each episode starts by saying its task's instruction (as a worker does), and its
+    frames show which env and which task they come from (pixel 0 is the env, pixel 1 the task)."""
+
+    def start(self, task, episode):
+        self.send.send_nowait(("record", "env", {"instruction": f"task {task}", "task": task}))
+        for step in range(self.steps):
+            image = np.array([[[self.index] * 3, [task] * 3]] * 2, np.uint8)
+            load = partial(Observation, image)
+            self.send.send_nowait(("frame", PendingFrame(episode, step, float(step), load, arrived=float(step))))
+            self.send.send_nowait(("record", "tick", tick(self.index, episode, step)))
+        self.send.send_nowait(("record", "episode", {"episode": episode, "suite": "s", "task_id": task, "t_start": 0.0,
+                                                     "t_end": 1.0, "steps": self.steps, "success": True,
+                                                     "env": self.index}))
+
+
+class Recorder(Batched):
+    """Keeps every frame it was given with its instruction and stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.frames = []
+
+    def act_batch(self, observations, instructions, streams=None):
+        self.frames += [(int(o.image[0, 0, 0]), int(o.image[0, 1, 0]), text, stream)
+                        for o, text, stream in zip(observations, instructions, streams)]
+        return super().act_batch(observations, instructions, streams)
+
+
+def run_fleet(policy, envs, assignments, make_link=TaskLink, waits=False):
+    log = RecordLog()
+    thread = WorkerThread("test-policy")
+    links = []
+
+    def link(index):
+        links.append(make_link(index))
+        return links[-1]
+
+    try:
+        fleet = Fleet(link, envs, [(policy, thread)], Fanout([log]), suite="s", waits=waits)
+
+        async def main():
+            await fleet.prepare(assignments)
+            await fleet.run()
+
+        anyio.run(main)
+    finally:
+        thread.close()
+    return log, links
+
+
+def test_each_frame_goes_with_its_env_as_stream_and_its_task_as_instruction():
+    """Three envs through five tasks: an env's next episode may be another task, whose instruction the
+    batch must take for that env's frames from then on."""
+    policy = Recorder()
+    run_fleet(policy, 3, [(task, e) for task in range(5) for e in range(2)])
+    assert policy.frames and {env for env, _, _, _ in policy.frames} == {0, 1, 2}
+    warm_up = [f for f in policy.frames if f[3] < 0]  # the warm-up batches, on the first env's first frame
+    assert {f[3] for f in warm_up} == {-1, -2, -3, -4}  # buckets 2 and 4 for 3 envs
+    for env, task, instruction, stream in policy.frames:
+        if stream >= 0:
+            assert (stream, instruction) == (env, f"task {task}")
+    assert {task for _, task, _, stream in policy.frames if stream >= 0} == set(range(5))
+
+
+@pytest.mark.parametrize("envs, sizes", [(1, []), (2, [2]), (5, [2, 4, 8]), (40, [2, 4, 8, 16, 32])])
+def test_the_warm_up_runs_every_batch_bucket_the_envs_can_fill(envs, sizes):
+    from rtloop.fleet.fleet import warm_batches
+
+    policy = Batched()
+    warm_batches(policy, Observation(np.zeros((2, 2, 3), np.uint8)), "do it", envs)
+    assert [len(s) for s in policy.streams] == sizes
+    assert all(stream < 0 for s in policy.streams for stream in s)  # no env's stream
+    warm_batches(OneAtATime(), Observation(None), "do it", envs)  # frame by frame: nothing to warm
+
+
+def test_waiting_envs_record_their_own_inferences_from_what_the_action_carries():
+    """With --sync or the virtual clock the env's runtime records each inference on its own clock: the
+    parent records none, and its action message carries the raw action, the stages and the batch."""
+    log, links = run_fleet(Batched(), 2, [(0, 0), (0, 1)], waits=True)
+    assert not [r for r in log.records if r["kind"] == "inference"]
+    answers = [a for link in links for a in link.actions]
+    assert answers
+    for episode, seq, action, frame_time, dropped, raw, stages, batch_s, size, index in answers:
+        assert len(action) == len(raw) == 7 and stages == {} and batch_s >= 0 and 0 <= index < size <= 2
+
+
+def test_an_env_keeps_its_task_while_the_task_has_episodes_left():
+    """Queued task 0, 1, 1, 0: each env takes the next episode of the task its env is built for."""
+    policy = Recorder()
+    run_fleet(policy, 2, [(0, 0), (1, 0), (1, 1), (0, 1)])
+    tasks = {env: {task for e, task, _, stream in policy.frames if e == env and stream >= 0} for env in (0, 1)}
+    assert tasks == {0: {0}, 1: {1}}

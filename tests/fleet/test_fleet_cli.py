@@ -44,6 +44,25 @@ def test_a_fleet_of_three_envs_ticks_every_env_and_batches_their_frames(tiny_che
     assert "fleet of 3 envs" in proc.stdout and "env 2:" in proc.stdout
 
 
+@pytest.mark.slow
+def test_a_fleet_on_the_virtual_clock_waits_for_each_action(tiny_checkpoint, tmp_path):
+    """Each env waits for its action and its runtime charges the latency model on its own clock: with a
+    fixed 100 ms at 20 Hz every env runs the same ticks, however loaded the machine."""
+    trace = tmp_path / "trace.jsonl"
+    proc = subprocess.run(rtloop("--envs", 2, "--sim", "replay", "--clock", "virtual", "--inject-delay", 0.1,
+                                 "--max-steps", 20, "--checkpoint", tiny_checkpoint, "--trace", trace),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    ticks, infs = records(trace, "tick"), records(trace, "inference")
+    assert read_trace(trace)[0]["clock"] == "virtual"
+    for env in (0, 1):
+        mine = [t for t in ticks if t["env"] == env]
+        assert [t["t_start"] for t in mine] == pytest.approx([k * 0.05 for k in range(20)])
+        # an inference every 100 ms, each action applied fresh on arrival and held for one tick
+        assert [t["action_source"] for t in mine] == ["dummy"] * 2 + ["fresh", "held"] * 9
+        assert all(r["t_end"] - r["t_start"] == pytest.approx(0.1) for r in infs if r["env"] == env)
+
+
 def env_worker_pids(parent: int) -> list[int]:
     """The run's env worker processes (spawned children running spawn_main), oldest first."""
     children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()

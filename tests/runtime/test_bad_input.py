@@ -29,7 +29,6 @@ CASES = [
     (["--seed", str(2**32)], "--seed must be 0..4294967295"),
     (["--max-action-age", "0"], "--max-action-age must be a finite number > 0"),
     (["--inject-delay", "-0.5"], "--inject-delay must be a finite number of seconds >= 0"),
-    (["--clock", "virtual", "--envs", "2"], "--clock virtual runs one env"),
     (["--device", "foo"], "--device 'foo': expected auto, cpu, cuda or cuda:N"),
     (["--policy", "bogus"], "--policy 'bogus': expected openvla, expert, ws://HOST:PORT"),
     (["--policy", "ws://localhost"], "a remote policy is ws://HOST:PORT"),
