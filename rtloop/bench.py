@@ -367,6 +367,7 @@ def baseline_for(name: str, done: dict) -> str | None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    from rtloop.policy.cuda_wait import set_cuda_wait
     from rtloop.policy.engines import split_engine_name
     from rtloop.policy.quant import llama_bytes_per_token
 
@@ -376,6 +377,8 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"--checkpoint {args.checkpoint}: no such directory")
     device = resolve_device(args.device)
     cuda = device.startswith("cuda")
+    if cuda:  # as the policy would, but before the device checks below make the CUDA context
+        set_cuda_wait("blocking")
     dtype = getattr(torch, "bfloat16" if cuda else "float32") if args.dtype == "auto" else getattr(torch, args.dtype)
     names = parse_engines(args.engines, args.quant, device)
     args.batch = parse_batches(args.batch)
