@@ -208,7 +208,9 @@ def build() -> dashboard.Dashboard:
         query(f"sum(rate(rtloop_server_batch_size_sum{{{SERVER_SEL}}}[{WINDOW}])) / "
               f"sum(rate(rtloop_server_batch_size_count{{{SERVER_SEL}}}[{WINDOW}]))", "mean batch"),
         query(f"sum(rtloop_server_connections{{{SERVER_SEL}}})", "open connections"),
-    ], "Requests per act_batch call (1 until a batched engine serves), and open client connections.", width=8))
+        query(f"sum(rtloop_server_requests_waiting{{{SERVER_SEL}}})", "requests waiting"),
+    ], "Requests per model call (those that arrived while the model was busy, up to --max-batch), open client "
+       "connections, and requests waiting for the model now.", width=8))
     d = d.with_panel(graph("Server errors", "none", [
         query(f"sum by (kind) (rtloop_server_errors_total{{{SERVER_SEL}}})", "{{kind}}"),
     ], "Refused requests and dropped connections since the server started, by kind (malformed, oversize, "

@@ -2,9 +2,9 @@
 # What produced profiles/bench-{h100,h200}-7b.{json,md}: run from the repository root on a CUDA machine that
 # has torch and transformers (no install needed: PYTHONPATH). Writes everything under ${OUT:-out/gpu}, files
 # named for ${GPU:-h100} (the machine's label).
-#   GPU=h200 bash scripts/gpu_bench.sh [kernels|prefill|split|bench|batch|profile|tests|parity|run|physics|libero|fleet|evalrate ...]
-#   `physics`, `libero`, `fleet` and `evalrate` need real LIBERO on the machine (on ours: ../shared/gpu-libero, set
-#   up before this script).
+#   GPU=h200 bash scripts/gpu_bench.sh [kernels|prefill|split|bench|batch|profile|tests|parity|run|physics|libero|fleet|evalrate|serve ...]
+#   `physics`, `libero`, `fleet`, `evalrate` and `serve` need real LIBERO on the machine (on ours:
+#   ../shared/gpu-libero, set up before this script).
 #   (default: kernels bench profile tests parity)
 set -u
 OUT=${OUT:-out/gpu}
@@ -262,6 +262,53 @@ EOF
       done
     done
     python3 scripts/evalrate_summary.py "$OUT" --json "$OUT/evalrate-$GPU.json" 2>&1 | tee -a "$LOG" ;;
+  serve)
+    # issue 17 on the GPU: `rtloop serve` (the 7b, random weights) and `rtloop run --policy ws://` driving real
+    # LIBERO, two processes on one host. One client asks one frame at a time, so the server runs --max-batch 1
+    # by default here: it then compiles one batch bucket, not four, before it listens. The whole step ends in
+    # ~7 min at most: server up within SERVE_WAIT s (the compile takes ~2 min), the run within SERVE_RUN_TIMEOUT s.
+    # CPU dry run: SERVE_CHECKPOINT=<tiny checkpoint> SERVE_ENGINE=eager SERVE_DEVICE=cpu.
+    engine=${SERVE_ENGINE:-compiled+fp8}
+    port=${SERVE_PORT:-8765}
+    metrics_port=${SERVE_METRICS_PORT:-9465}
+    checkpoint=${SERVE_CHECKPOINT:-/tmp/ck7b}
+    [ "$checkpoint" = /tmp/ck7b ] && checkpoint7b
+    name="serve-${engine//+/_}"
+    dir="/tmp/serve-runs/$name"
+    rm -rf "$dir" && mkdir -p "$dir"
+    say "rtloop serve --engine $engine on :$port, then rtloop run --policy ws:// on real LIBERO"
+    python3 -m rtloop serve --checkpoint "$checkpoint" --engine "$engine" --device "${SERVE_DEVICE:-cuda}" \
+      --port "$port" --metrics-port "$metrics_port" --max-batch "${SERVE_MAX_BATCH:-1}" > "$dir/serve.log" 2>&1 &
+    server=$!  # the server itself (no timeout wrapper): this step stops it below, whatever happened
+    up=0
+    for _ in $(seq $((${SERVE_WAIT:-300} / 2))); do
+      kill -0 $server 2>/dev/null || break
+      python3 -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1], timeout=2)" \
+        "http://127.0.0.1:$port/healthz" 2>/dev/null && { up=1; break; }
+      sleep 2
+    done
+    grep -v "^SILENT" "$dir/serve.log" | tail -4 | tee -a "$LOG"
+    if [ $up = 1 ]; then
+      timeout -s INT ${SERVE_RUN_TIMEOUT:-100} python3 -m rtloop run --policy "ws://127.0.0.1:$port" --rate 20 \
+        --suite libero_object --task "${TASKS:-0}" --episodes "${SERVE_EPISODES:-2}" --max-steps "${SERVE_STEPS:-280}" \
+        --quiet --metrics-port 0 --trace "$dir/trace.jsonl" ${SERVE_RUN_EXTRA:-} > "$dir/run.log" 2>&1
+      echo "rtloop run exit $?" | tee -a "$LOG"
+      grep -v "^SILENT" "$dir/run.log" | tail -25 | tee -a "$LOG"
+      python3 -c "import urllib.request, sys; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())" \
+        "http://127.0.0.1:$metrics_port/metrics" > "$dir/server-metrics.txt" 2>>"$LOG"
+      grep -E "^rtloop_server_(requests_total|batch_size_(count|sum)|errors_total)" "$dir/server-metrics.txt" \
+        | grep -v " 0.0$" | tee -a "$LOG"
+    elif kill -0 $server 2>/dev/null; then
+      echo "rtloop serve did not answer http://127.0.0.1:$port/healthz within ${SERVE_WAIT:-300} s" | tee -a "$LOG"
+    else
+      echo "rtloop serve exited before it answered (its log: $name/serve.log)" | tee -a "$LOG"
+    fi
+    kill -TERM $server 2>/dev/null
+    for _ in $(seq 30); do kill -0 $server 2>/dev/null || break; sleep 1; done
+    kill -0 $server 2>/dev/null && { echo "rtloop serve ignored SIGTERM for 30 s: killed" | tee -a "$LOG"; kill -KILL $server; }
+    wait $server
+    echo "rtloop serve exit $? (0: a clean SIGTERM stop)" | tee -a "$LOG"
+    mkdir -p "$OUT/$name" && cp "$dir"/* "$OUT/$name/" ;;
   esac
 done
 say "done"

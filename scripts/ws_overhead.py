@@ -37,22 +37,28 @@ class ZeroPolicy:
     metadata = {"server": "rtloop", "label": "zero policy (ws_overhead.py)", "action_shape": [1, 7]}
     zeros = np.zeros((1, 7))
 
-    def act_batch(self, requests: list[Request]) -> list[Result]:
+    def act_batch(self, requests: list[Request], streams: list[int]) -> list[Result]:
         return [Result(self.zeros, self.zeros) for _ in requests]
+
+    def end_stream(self, stream: int) -> None:
+        pass
 
     def act(self, frame: np.ndarray, instruction: str) -> np.ndarray:  # the in-process call
         return self.zeros[0]
 
 
 def serve() -> None:
-    import asyncio
+    import anyio
 
-    from rtloop.serve.server import InferenceWorker, PolicyServer, ServerMetrics
+    from rtloop.serve.server import InferenceWorker, PolicyServer, ServerMetrics, bind
 
     worker = InferenceWorker(ZeroPolicy, lambda b: ServerMetrics("zero", "random"))
-    server = PolicyServer(worker, "127.0.0.1", 0)
+    server = PolicyServer(worker, bind("127.0.0.1", 0))
+    async def until_killed() -> None:
+        await server.run(anyio.Event(), lambda: print(server.port, flush=True))
+
     try:
-        asyncio.run(server.run(asyncio.Event(), lambda port: print(port, flush=True)))
+        anyio.run(until_killed)
     except KeyboardInterrupt:
         pass
     finally:

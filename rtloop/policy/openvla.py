@@ -33,7 +33,7 @@ from PIL import Image
 
 from rtloop.errors import ActionError, InputError
 from rtloop.policy.actions import ActionDetokenizer, libero_gripper, resolve_unnorm_key
-from rtloop.policy.base import PolicyOutput
+from rtloop.policy.base import Alert, PolicyOutput
 from rtloop.policy.cuda_wait import set_cuda_wait
 from rtloop.policy.guards import Guards
 from rtloop.policy.model import OpenVLA
@@ -154,6 +154,16 @@ class OpenVLAPolicy:
             self._stream_guards[stream] = Guards()
         return self._stream_guards[stream]
 
+    def drain_alerts(self, stream: int = 0) -> list[Alert]:
+        """The alerts queued for `stream` since its last drain (stream 0's include the configuration's, e.g. an
+        unnorm key first used by a call)."""
+        return self._guards(stream).drain()
+
+    def end_stream(self, stream: int) -> None:
+        """Forget a finished stream's frame history (its env or client is gone); stream 0 is kept."""
+        if stream != 0:
+            self._stream_guards.pop(stream, None)
+
     def predict_action(
         self,
         image: np.ndarray | Image.Image,
@@ -251,7 +261,7 @@ class OpenVLAPolicy:
         raws, timings = self.predict_action_batch(images, instructions, timings=timings, streams=streams)
         streams = list(range(len(raws))) if streams is None else streams
         return [PolicyOutput(action=libero_gripper(raw), raw_action=raw, timings=dict(timings),
-                             alerts=self._guards(stream).drain()) for raw, stream in zip(raws, streams)]
+                             alerts=self.drain_alerts(stream)) for raw, stream in zip(raws, streams)]
 
     def warmup(self, obs: Observation | np.ndarray, instruction: str) -> None:
         """Two full passes: the first allocates (KV cache, kernels), the second runs what steady state runs

@@ -2,7 +2,8 @@
 
 Safe by default: it binds 127.0.0.1. Any other address needs `--api-key KEY` (clients send
 `Authorization: Api-Key KEY`) or `--insecure`, which warns on every start. Exit status: 0 on SIGTERM,
-130 on Ctrl-C, 2 on bad input (one line, before the model loads).
+130 on Ctrl-C, 2 on bad input (one line, before the model loads: the options, then both ports are bound).
+Requests that arrive while the model is busy are answered together, up to `--max-batch` per call.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import sys
 from pathlib import Path
 
 from rtloop.serve.protocol import DEFAULT_MAX_MESSAGE_BYTES
+
+# Graphed and compiled engines capture (and compile) every batch bucket up to --max-batch before serving:
+# 8 is four buckets (1, 2, 4, 8) at start rather than all six.
+DEFAULT_MAX_BATCH = 8
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default=None,
                    help="inference engine, as for rtloop run (default: compiled on CUDA, eager on CPU)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help=f"the most requests one model call takes, of those that arrived while the model was busy "
+                        f"(a batch bucket: 1, 2, 4, ..., 32; default {DEFAULT_MAX_BATCH}); graphed and compiled "
+                        "engines capture each bucket up to it at start")
     p.add_argument("--suite", default="libero_object",
                    help="LIBERO suite whose statistics are the default unnorm key (default libero_object)")
     p.add_argument("--unnorm-key", default=None, help="default action statistics key (requests may name another)")
@@ -66,8 +75,12 @@ def validate(args: argparse.Namespace) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be 0..65535 (got {value})")
     if args.max_message_bytes < 1024:
         raise InputError(f"--max-message-bytes must be >= 1024 (got {args.max_message_bytes})")
-    from rtloop.policy.engines import check_engine_device
+    from rtloop.policy.engines import BATCH_BUCKETS, check_engine_device
     from rtloop.commands.device import resolve_device
+
+    if args.max_batch not in BATCH_BUCKETS:
+        raise InputError(f"--max-batch must be one of {', '.join(map(str, BATCH_BUCKETS))} (the engines' batch "
+                         f"buckets), got {args.max_batch}")
 
     args.device = resolve_device(args.device)
     if args.engine is None:
@@ -79,67 +92,80 @@ def build_backend(args: argparse.Namespace, checkpoint: Path):
     """Runs on the inference thread: the model is built, warmed up and used there."""
     import numpy as np
 
+    from rtloop.fleet.fleet import warm_batches
     from rtloop.policy.openvla import OpenVLAPolicy
     from rtloop.serve.backend import OpenVLABackend
-    from rtloop.serve.protocol import Request
+    from rtloop.sim.base import Observation
 
     policy = OpenVLAPolicy(checkpoint, unnorm_key=args.unnorm_key, suite=args.suite, device=args.device,
-                           engine=args.engine, center_crop=args.center_crop)
-    backend = OpenVLABackend(policy)
-    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)  # a blank frame would alert
-    for _ in range(2):  # as OpenVLAPolicy.warmup: allocate, then run what steady state runs
-        backend.act_batch([Request("rtloop", noise, "warm up")])
-    policy.guards.drain()
-    return backend
+                           engine=args.engine, center_crop=args.center_crop, max_batch=args.max_batch)
+    noise = Observation(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))  # not blank: no alert
+    policy.warmup(noise, "warm up")
+    warm_batches(policy, noise, "warm up", args.max_batch)  # every bucket up to it: none is built mid-serving
+    policy.drain_alerts(0)  # the configuration's, in the server's log already: no client's request raised them
+    return OpenVLABackend(policy)
 
 
 def main(args: argparse.Namespace) -> int:
-    import asyncio
     import logging
     import signal
 
+    import anyio
+    from prometheus_client import CollectorRegistry
+
     from rtloop.commands.policies import resolve_checkpoint
-    from rtloop.serve.server import InferenceWorker, PolicyServer, ServerMetrics
+    from rtloop.serve.server import InferenceWorker, PolicyServer, ServerMetrics, bind
 
     validate(args)
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    logging.basicConfig(format="%(message)s", level=logging.WARNING, stream=sys.stderr)
-    if args.insecure:
-        print(f"rtloop serve: WARNING: --insecure: {args.host}:{args.port} takes requests from anyone who can "
-              "reach it, without authentication", file=sys.stderr)
-
-    def metrics_for(backend) -> ServerMetrics:
-        return ServerMetrics(args.engine, "random" if backend.random_weights else "real")
-
-    worker = InferenceWorker(lambda: build_backend(args, checkpoint), metrics_for)
+    sock = bind(args.host, args.port)  # a port in use fails here, in a moment, not after the model loads
+    metrics_server = worker = None
     try:
-        metrics_server = None
+        registry = CollectorRegistry()
         if args.metrics_port:
             from rtloop.metrics.exporter import start_metrics_server
 
-            metrics_server = start_metrics_server(args.metrics_port, worker.metrics.registry)
-        server = PolicyServer(worker, args.host, args.port, args.api_key, args.max_message_bytes)
+            metrics_server = start_metrics_server(args.metrics_port, registry)  # its series appear with the model
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        logging.basicConfig(format="%(message)s", level=logging.WARNING, stream=sys.stderr)
+        port = sock.getsockname()[1]
+        if args.insecure:
+            print(f"rtloop serve: WARNING: --insecure: {args.host}:{port} takes requests from anyone who can reach "
+                  "it, without authentication", file=sys.stderr)
+        print(f"rtloop serve: loading {checkpoint} (engine {args.engine} on {args.device}, batches of up to "
+              f"{args.max_batch}: each batch bucket up to it is built before the server listens)", file=sys.stderr,
+              flush=True)
 
-        def listening(port: int) -> None:
+        def metrics_for(backend) -> ServerMetrics:
+            return ServerMetrics(args.engine, "random" if backend.random_weights else "real", registry)
+
+        worker = InferenceWorker(lambda: build_backend(args, checkpoint), metrics_for)
+        server = PolicyServer(worker, sock, args.api_key, args.max_message_bytes)
+
+        def listening() -> None:
             metrics = f", metrics {metrics_server.url}" if metrics_server else ""
-            print(f"rtloop serve: {worker.backend.metadata['label']}\nrtloop serve: listening on "
-                  f"ws://{args.host}:{port} (health http://{args.host}:{port}/healthz{metrics})",
-                  file=sys.stderr, flush=True)
+            print(f"rtloop serve: {worker.backend.metadata['label']}\n"
+                  f"rtloop serve: listening on ws://{args.host}:{port} (health http://{args.host}:{port}/healthz"
+                  f"{metrics})", file=sys.stderr, flush=True)
 
-        async def serve_until_signal() -> None:
-            stop = asyncio.Event()
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-            await server.run(stop, listening)
+        async def serve_until_sigterm() -> None:
+            stop = anyio.Event()
 
-        try:
-            asyncio.run(serve_until_signal())
-        except OSError as e:  # the port is taken, the address is not ours
-            from rtloop.errors import InputError
+            async def on_sigterm() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        stop.set()
+                        return
 
-            raise InputError(f"cannot serve on {args.host}:{args.port}: {e.strerror or e}") from None
-        finally:
-            if metrics_server is not None:
-                metrics_server.close()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(on_sigterm)
+                await server.run(stop, listening)
+                tg.cancel_scope.cancel()
+
+        anyio.run(serve_until_sigterm)
     finally:
-        worker.close()
+        if worker is not None:
+            worker.close()
+        if metrics_server is not None:
+            metrics_server.close()
+        sock.close()
     return 0

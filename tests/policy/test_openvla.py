@@ -175,6 +175,9 @@ def test_act_batch_gives_each_frame_its_own_action(tiny_checkpoint):
     actions, _ = batched.predict_action_batch([prepare_libero_image(f) for f in frames[:2]], instructions[:2],
                                               streams=[7, 7])
     assert actions.shape == (2, 7) and 7 in batched._stream_guards
+    for stream in (7, 0):  # a finished stream's history goes; stream 0 (the configuration's) stays
+        batched.end_stream(stream)
+    assert set(batched._stream_guards) == {0, 1, 2}
 
 
 def test_act_batch_bad_input_is_one_line(policy):

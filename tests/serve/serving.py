@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -13,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
+import anyio.from_thread
 
 from rtloop.metrics.promapi import free_port
 from rtloop.sim.replay import default_recording
@@ -65,35 +66,26 @@ def stop_serve(served: Served) -> int:
 
 
 class InProcessServer:
-    """rtloop.serve.server around any backend, on its own event loop thread; stop() and start() again on
-    the same port to drop every client."""
+    """rtloop.serve.server around any backend, on an event loop in its own thread (an anyio blocking
+    portal); stop() and start() again on the same port to drop every client."""
 
     def __init__(self, backend, port: int = 0):
         from rtloop.serve.server import InferenceWorker, ServerMetrics
 
         self.worker = InferenceWorker(lambda: backend, lambda b: ServerMetrics("test", "random"))
+        self.metrics = self.worker.metrics
         self.port = port
 
     def start(self) -> InProcessServer:
-        from rtloop.serve.server import PolicyServer
+        from rtloop.serve.server import PolicyServer, bind
 
-        server = PolicyServer(self.worker, "127.0.0.1", self.port)
+        server = PolicyServer(self.worker, bind("127.0.0.1", self.port))
+        self.port = server.port
+        self._portal_cm = anyio.from_thread.start_blocking_portal()
+        portal = self._portal = self._portal_cm.__enter__()
+        self._stop = portal.call(anyio.Event)
         listening = threading.Event()
-
-        def on_listening(port):
-            self.port = port
-            listening.set()
-
-        def run():
-            loop = asyncio.new_event_loop()
-            self._loop, self._stop = loop, asyncio.Event()
-            try:
-                loop.run_until_complete(server.run(self._stop, on_listening))
-            finally:
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="test-serve")
-        self._thread.start()
+        self._running = portal.start_task_soon(server.run, self._stop, listening.set)
         assert listening.wait(30)
         return self
 
@@ -102,8 +94,9 @@ class InProcessServer:
         return f"ws://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join()
+        self._portal.call(self._stop.set)
+        self._running.result(timeout=30)
+        self._portal_cm.__exit__(None, None, None)
 
     def close(self) -> None:
         self.stop()

@@ -25,11 +25,16 @@ class FixedChunks:
     def __init__(self):
         self.requests = []
 
-    def act_batch(self, requests):
-        self.requests.extend(requests)
-        n = len(self.requests)
-        chunk = 10 * n + np.arange(5, dtype=np.float64)[:, None] * np.ones((1, 7))
-        return [Result(chunk, chunk, {"generate": 0.001})]
+    def act_batch(self, requests, streams):
+        results = []
+        for request in requests:
+            self.requests.append(request)
+            chunk = 10 * len(self.requests) + np.arange(5, dtype=np.float64)[:, None] * np.ones((1, 7))
+            results.append(Result(chunk, chunk, {"generate": 0.001}))
+        return results
+
+    def end_stream(self, stream):
+        pass
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import re
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -54,7 +55,8 @@ def errors_by_kind(server) -> dict[str, float]:
 def assert_good_request_succeeds(server):
     reply, _ = send_one(server.url, GOOD)
     assert isinstance(reply, bytes), reply
-    assert np.asarray(unpack(reply)["actions"]).shape == (1, 7)
+    body = unpack(reply)
+    assert np.asarray(body["actions"]).shape == (1, 7) and body["server_timing"]["batch_size"] == 1
 
 
 def test_remote_policy_gets_actions_for_libero_frames(server, libero_frames, tiny_checkpoint):
@@ -63,6 +65,7 @@ def test_remote_policy_gets_actions_for_libero_frames(server, libero_frames, tin
     try:
         assert policy.is_rtloop and "RANDOM WEIGHTS" in policy.label
         assert policy.metadata["action_shape"] == [1, 7] and policy.metadata["unnorm_key"] == "libero_object"
+        assert policy.metadata["max_batch"] == 8  # --max-batch's default
         for frame in frames[:3]:
             out = policy.act(Observation(frame), instruction)
             assert out.action.shape == (7,) and out.chunk is None and out.action[-1] in (-1.0, 1.0)
@@ -76,6 +79,13 @@ def test_remote_policy_gets_actions_for_libero_frames(server, libero_frames, tin
     local = OpenVLAPolicy(tiny_checkpoint, engine="eager").act(frames[2], instruction)
     np.testing.assert_allclose(out.action, local.action)
     np.testing.assert_allclose(out.raw_action, local.raw_action)
+
+
+def test_the_alert_a_request_s_unnorm_key_raises_comes_back_to_that_client(server):
+    reply, _ = send_one(server.url, pack({"image": FRAME, "instruction": "pick up the alphabet soup",
+                                          "unnorm_key": "libero_spatial"}))  # the server runs libero_object
+    alerts = unpack(reply).get("alerts", [])
+    assert [a["kind"] for a in alerts] == ["unnorm_key"] and "another LIBERO suite" in alerts[0]["message"]
 
 
 IMAGE = FRAME[:224, :224]
@@ -176,6 +186,27 @@ def test_non_loopback_bind_without_a_key_is_refused(host):
                          text=True, timeout=60)
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and run.stderr.startswith(f"rtloop: error: --host {host} is not a loopback")
+
+
+def serve_fails(*args: str) -> str:
+    run = subprocess.run([sys.executable, "-m", "rtloop", "serve", *args], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("\n") == 1 and "loading" not in run.stderr, run.stderr  # before the model loads
+    return run.stderr
+
+
+def test_a_port_in_use_fails_in_one_line_before_the_model_loads(tiny_checkpoint):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        stderr = serve_fails("--checkpoint", str(tiny_checkpoint), "--port", str(port), "--metrics-port", "0")
+        assert stderr.startswith(f"rtloop: error: cannot serve on 127.0.0.1:{port}: Address already in use")
+        stderr = serve_fails("--checkpoint", str(tiny_checkpoint), "--port", "0", "--metrics-port", str(port))
+        assert stderr.startswith(f"rtloop: error: cannot serve metrics on 127.0.0.1:{port}: Address already in use")
+
+
+def test_an_address_that_is_not_this_machines_fails_in_one_line_before_the_model_loads(tiny_checkpoint):
+    stderr = serve_fails("--checkpoint", str(tiny_checkpoint), "--host", "192.0.2.7", "--insecure")  # TEST-NET-1
+    assert stderr.startswith("rtloop: error: cannot serve on 192.0.2.7:8000: Cannot assign requested address")
 
 
 def test_the_api_key_is_checked_on_connect(tiny_checkpoint, tmp_path):
