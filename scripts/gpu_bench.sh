@@ -268,6 +268,9 @@ EOF
     # by default here: it then compiles one batch bucket, not four, before it listens. The whole step ends in
     # ~7 min at most: server up within SERVE_WAIT s (the compile takes ~2 min), the run within SERVE_RUN_TIMEOUT s.
     # CPU dry run: SERVE_CHECKPOINT=<tiny checkpoint> SERVE_ENGINE=eager SERVE_DEVICE=cpu.
+    # our GPU machine has no `websockets` (2026-12-02): carry its wheel (the device README's .whl recipe) and
+    # put it on PYTHONPATH first
+    python3 -c "import websockets" 2>/dev/null || { echo "serve: no websockets package here: skipped" | tee -a "$LOG"; continue; }
     engine=${SERVE_ENGINE:-compiled+fp8}
     port=${SERVE_PORT:-8765}
     metrics_port=${SERVE_METRICS_PORT:-9465}
