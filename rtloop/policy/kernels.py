@@ -244,10 +244,13 @@ def gemv(
     )
     flags = {"HAS_SCALE": scale is not None, "GATED": gated, "HAS_NORM": norm is not None,
              "HAS_RESIDUAL": residual is not None, "INT8_BITS": int8_bits and weight.dtype == torch.int8}
-    if INTERPRET:  # no benchmarking without a GPU: one fixed tile, large because each program costs numpy calls
+    if INTERPRET:  # no benchmarking without a GPU: a fixed tile, large because each program costs numpy calls
         row_sums = bool(tile[3]) if tile is not None else False
-        _gemv_fixed[(triton.cdiv(n_out, 64),)](*args, **flags, USE_PDL=False, BLOCK_N=64, BLOCK_K=128,
-                                                ROW_SUMS=row_sums)
+        # 64 rows, or at most ~16 programs: the lm_head's 32064 rows in 64-row programs were most of a
+        # whole-model test's minute
+        block_n = max(64, triton.next_power_of_2(triton.cdiv(n_out, 16)))
+        _gemv_fixed[(triton.cdiv(n_out, block_n),)](*args, **flags, USE_PDL=False, BLOCK_N=block_n, BLOCK_K=128,
+                                                     ROW_SUMS=row_sums)
         return y
     if tile is not None:
         block_n, block_k, warps, row_sums = tile
