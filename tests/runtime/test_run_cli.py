@@ -50,8 +50,10 @@ def records(trace, kind):
 def libero_run(tiny_checkpoint, tmp_path_factory):
     """One wall-clock run on real LIBERO (with a video, the centre crop switched off): (process, its directory)."""
     out = tmp_path_factory.mktemp("libero-run")
+    # --max-action-age 60: a held action is applied, not stopped, when a loaded machine holds a LIBERO step
+    # for most of a second (measured: 0.86 s); the stale-action stop has tests of its own
     proc = rtloop_run("--checkpoint", tiny_checkpoint, "--rate", RATE, "--max-steps", LIBERO_STEPS, "--trace",
-                      out / "trace.jsonl", "--video", out / "run.mp4", "--no-center-crop")
+                      out / "trace.jsonl", "--video", out / "run.mp4", "--no-center-crop", "--max-action-age", 60)
     assert proc.returncode == 0, proc.stderr
     return proc, out
 
