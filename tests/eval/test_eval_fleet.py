@@ -48,6 +48,8 @@ def test_two_real_libero_envs_feed_one_policy_through_two_tasks_and_a_rerun_resu
         assert trace[0]["instruction"] == INSTRUCTIONS[r["task"]] and trace[0]["clock"] == "virtual"
         infs = [t for t in trace if t["kind"] == "inference"]
         assert len(infs) == r["inferences"] and len({t["env"] for t in trace if t["kind"] != "run"}) == 1
+        # LIBERO, not a replay, in each worker (its own EGL context and renderer)
+        assert all(t["render_s"] > 0 and t["physics_s"] > 0 for t in trace if t["kind"] == "tick")
         assert all(1 <= t["batch_size"] <= 2 for t in infs)
     doc = json.loads((out / "table.json").read_text())
     assert [t["task"] for t in doc["tasks"]] == [0, 1] and doc["total"]["episodes"] == 4

@@ -1,5 +1,7 @@
 """`rtloop run --envs N` as a user runs it: a real CLI subprocess, env workers in real processes, the tiny
-random-weight checkpoint, --sim replay (recorded LIBERO frames, no LIBERO needed), assertions on the trace."""
+random-weight checkpoint, --sim replay (recorded LIBERO frames, no LIBERO needed), assertions on the trace.
+Real LIBERO in two fleet workers (each its own EGL context and renderer): tests/eval/test_eval_fleet.py, on
+the same backend and fleet (rtloop.fleet.command's make_backend, make_fleet)."""
 
 from __future__ import annotations
 
@@ -106,22 +108,3 @@ def test_more_envs_than_cores_is_refused_in_one_line_before_anything_starts(tmp_
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--envs 10000 is more than this machine's" in proc.stderr
     assert "--oversubscribe" in proc.stderr and not (tmp_path / "t.jsonl").exists()
-
-
-@pytest.mark.slow
-def test_a_fleet_of_two_real_libero_envs(tiny_checkpoint, tmp_path):
-    """Real LIBERO in both workers (each its own EGL context and renderer), 4 Hz: a 2-core machine renders
-    a frame in ~60 ms per env while the model runs."""
-    trace = tmp_path / "trace.jsonl"
-    proc = subprocess.run(rtloop("--envs", 2, "--rate", 4, "--max-steps", 8, "--checkpoint", tiny_checkpoint,
-                                 "--trace", trace),
-                          capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "MUJOCO_GL": "egl", "PYOPENGL_PLATFORM": "egl"})
-    assert proc.returncode == 0, proc.stderr
-    ticks = records(trace, "tick")
-    for env in (0, 1):
-        mine = [t for t in ticks if t["env"] == env]
-        assert [t["step"] for t in mine] == list(range(8))
-        assert all(t["render_s"] > 0 and t["physics_s"] > 0 for t in mine)  # LIBERO, not a replay
-    assert read_trace(trace)[0]["sim"] == "libero"
-    assert {r["env"] for r in records(trace, "inference")} == {0, 1}
