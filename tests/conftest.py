@@ -1,7 +1,13 @@
 import os
+import signal
 
 import pytest
 import torch
+
+# A runner started in the background by a non-interactive shell (`cmd &`) inherits SIGINT ignored, and so
+# would every rtloop process these tests start: the Ctrl-C tests need the signal as a terminal delivers it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
