@@ -316,8 +316,10 @@ def run_batches(policy, name: str, frames: list[Frame], check_frames: list[Frame
     from rtloop.policy.engines import PROMPT_BUCKET, batch_bucket, build_engine
     from rtloop.policy.processor import build_prompt, prepare_libero_image, tokenize_prompt
 
-    policy.engine = engine = build_engine(name, policy.model, max_batch=batch_bucket(max(args.batch)),
-                                          kernel_options=options)
+    engine = policy.engine
+    if getattr(engine, "name", None) != name or getattr(engine, "max_batch", 1) < batch_bucket(max(args.batch)):
+        policy.engine = engine = build_engine(name, policy.model, max_batch=batch_bucket(max(args.batch)),
+                                              kernel_options=options)
     images = [prepare_libero_image(f.image) for f in frames]  # the eval's work, before predict_action
     lengths = [tokenize_prompt(policy.tokenizer, build_prompt(f.instruction)).shape[1] for f in frames]
     base = engine_tokens(policy, check_frames, 1)
@@ -364,7 +366,9 @@ def baseline_for(name: str, done: dict) -> str | None:
     return None
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, policy=None) -> int:
+    """`policy`: one already built (with its engine, its batch buckets perhaps captured) to time instead of
+    building one, for the one engine --engines names; it is left as it is (scripts/fleet_study.py)."""
     import torch
 
     from rtloop.policy.cuda_wait import set_cuda_wait
@@ -381,6 +385,9 @@ def main(args: argparse.Namespace) -> int:
         set_cuda_wait("blocking")
     dtype = getattr(torch, "bfloat16" if cuda else "float32") if args.dtype == "auto" else getattr(torch, args.dtype)
     names = parse_engines(args.engines, args.quant, device)
+    given = policy is not None
+    if given and names != [policy.engine.name]:
+        raise InputError(f"a built policy times its own engine ({policy.engine.name}), not {', '.join(names)}")
     args.batch = parse_batches(args.batch)
     try:
         options = kernel_options_from_args(args).resolve(torch.device(device))
@@ -393,7 +400,7 @@ def main(args: argparse.Namespace) -> int:
 
     bandwidth, method = measure_bandwidth(device)
     factory = PolicyFactory(args, device, dtype)
-    policy = factory.build()
+    policy = factory.build() if policy is None else policy
     floor_ms = llama_bytes_per_token(policy.model) * N_TOKENS / (bandwidth * 1e9) * 1000
     report = {
         "device": device_name(device),
@@ -431,11 +438,12 @@ def main(args: argparse.Namespace) -> int:
             outputs[name] = engine_tokens(policy, check_frames)
             report["engines"][name] = result
         report["kernels"] = kernel_settings(options)  # now with this engine's split choices
-        policy.engine = None  # drop graphs, HF modules, compiled code before the next engine
-        torch.compiler.reset()  # compiled code may hold the weights it was compiled for
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+        if not given:
+            policy.engine = None  # drop graphs, HF modules, compiled code before the next engine
+            torch.compiler.reset()  # compiled code may hold the weights it was compiled for
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
         finish(report, outputs, cuda)
         if args.out is not None:  # after every engine: a run cut short still leaves what it measured
             write(report, args.out)

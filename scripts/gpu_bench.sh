@@ -2,8 +2,8 @@
 # What produced profiles/bench-{h100,h200}-7b.{json,md}: run from the repository root on a CUDA machine that
 # has torch and transformers (no install needed: PYTHONPATH). Writes everything under ${OUT:-out/gpu}, files
 # named for ${GPU:-h100} (the machine's label).
-#   GPU=h200 bash scripts/gpu_bench.sh [kernels|prefill|split|bench|batch|profile|tests|parity|run|physics|libero|fleet|evalrate|serve ...]
-#   `physics`, `libero`, `fleet`, `evalrate` and `serve` need real LIBERO on the machine (on ours:
+#   GPU=h200 bash scripts/gpu_bench.sh [kernels|prefill|split|bench|batch|profile|tests|parity|run|checkpoint|physics|libero|fleet|evalrate|study|serve ...]
+#   `physics`, `libero`, `fleet`, `evalrate`, `study` and `serve` need real LIBERO on the machine (on ours:
 #   ../shared/gpu-libero, set up before this script).
 #   (default: kernels bench profile tests parity)
 set -u
@@ -181,86 +181,40 @@ EOF
       echo "$name peak GPU memory: $(sort -n "$dir/gpu-memory-mib.csv" | tail -1) MiB" | tee -a "$LOG"
       tar -C /tmp/libero-runs -czf "$OUT/$name.tgz" "$name"
     done ;;
-  fleet)
-    # fleet capacity (issue 16): N envs of real LIBERO (set up first: ../shared/gpu-libero, then
-    # `. /opt/libero-site/env.sh`), each in its own worker process (this machine has 16 cores and no Ray), one
-    # policy batching their frames; N episodes of FLEET_STEPS ticks at 20 Hz per run. An env holds 20 Hz when
-    # its sim runs >= 19.5 Hz with >= 95% fresh actions and action age p99 <= 100 ms.
-    checkpoint7b
-    for engine in ${FLEET_ENGINES:-compiled compiled+fp8}; do
-      for n in ${FLEET_NS:-1 4 8 16}; do
-        name="fleet-${engine//+/_}-n$n"
-        say "rtloop run --envs $n --engine $engine (real LIBERO)"
-        timeout ${FLEET_TIMEOUT:-580} python3 -m rtloop run --envs "$n" --episodes "$n" --rate 20 --engine "$engine" \
-          --device cuda --checkpoint /tmp/ck7b --suite libero_object --task 0 --max-steps "${FLEET_STEPS:-200}" \
-          --quiet --metrics-port 0 --trace "/tmp/runs/$name/trace.jsonl" 2>&1 | grep -v "^SILENT" | tail -25 | tee -a "$LOG"
-        mkdir -p "$OUT/$name" && cp "/tmp/runs/$name/summary.json" "$OUT/$name/" 2>/dev/null
-      done
+  checkpoint)
+    checkpoint7b ;;
+  fleet|evalrate|study)
+    # issue 16 on real LIBERO (set up first: ../shared/gpu-libero, then `. /opt/libero-site/env.sh`), one
+    # process per engine (scripts/fleet_study.py: the engine compiles and captures its batch buckets once, then
+    # rtloop's own commands run on it). fleet: `rtloop run --envs N` for N of FLEET_NS, N episodes of
+    # FLEET_STEPS ticks at 20 Hz; an env holds 20 Hz at >= 19.5 Hz sim, >= 95% fresh, action age p99 <= 100 ms
+    # (scripts/fleet_summary.py). evalrate: `rtloop eval --envs N --clock C`, EVAL_TOTAL episodes (default
+    # max(N, 2): one round of the fleet) over the first tasks of libero_object, EVAL_STEPS policy steps each
+    # (280, the official limit; random weights run every episode to it); scripts/evalrate_summary.py projects
+    # the 500-episode protocol from the rate after setup (a PROJECTION). study: everything for STUDY_ENGINE in
+    # one process (bench --batch BATCHES, STUDY_INPROCESS in-process episodes, fleet, evalrate), after
+    # STUDY_GO exists when set (the warm-up may overlap another measurement; the timed part must not).
+    # CPU dry run: STUDY_DEVICE=cpu STUDY_SIZE=tiny STUDY_ENGINE=eager STUDY_CHECKPOINT=DIR BATCHES=1,2 FLEET_NS=2 ...
+    [ -n "${STUDY_CHECKPOINT:-}" ] || checkpoint7b
+    case $step in
+      fleet) engines=${FLEET_ENGINES:-compiled compiled+fp8}
+             what=(--batches "" --fleet-ns "${FLEET_NS:-1,4,8,16}" --eval-ns "") ;;
+      evalrate) engines=${EVAL_ENGINE:-compiled+fp8}
+                what=(--batches "" --fleet-ns "" --eval-ns "${EVAL_NS:-1,4,8,16}" --eval-clocks "${EVAL_CLOCKS:-wall,virtual}") ;;
+      study) engines=${STUDY_ENGINE:-compiled+fp8}
+             what=(--batches "${BATCHES:-1,2,4,8,16,32}" --inprocess-episodes "${STUDY_INPROCESS:-0}"
+                   --fleet-ns "${FLEET_NS:-1,4,8,16}" --eval-ns "${EVAL_NS:-}" --eval-clocks "${EVAL_CLOCKS:-wall,virtual}"
+                   ${STUDY_GO:+--go "$STUDY_GO"} ${STUDY_DONE:+--done "$STUDY_DONE"}) ;;
+    esac
+    for engine in $engines; do
+      say "scripts/fleet_study.py $step --engine $engine ${what[*]}"
+      timeout -s INT -k 60 ${STUDY_TIMEOUT:-3000} python3 scripts/fleet_study.py --engine "$engine" --gpu "$GPU" \
+        --device "${STUDY_DEVICE:-cuda}" --size "${STUDY_SIZE:-7b}" \
+        --checkpoint "${STUDY_CHECKPOINT:-/tmp/ck7b}" --out "$OUT" --fleet-steps "${FLEET_STEPS:-200}" \
+        --eval-steps "${EVAL_STEPS:-280}" --eval-total "${EVAL_TOTAL:-0}" --kernel-flags "${KERNEL_FLAGS:-}" "${what[@]}" \
+        2>&1 | grep -v -E "^SILENT|ep/s|it/s" | tee -a "$LOG"
     done
-    python3 - "$OUT" "$GPU" <<'EOF' 2>&1 | tee -a "$LOG"
-import json, sys
-from pathlib import Path
-
-out, gpu = Path(sys.argv[1]), sys.argv[2]
-rows = []
-for path in sorted(out.glob("fleet-*-n*/summary.json")):
-    s = json.loads(path.read_text())
-    engine, n = path.parent.name.removeprefix("fleet-").rsplit("-n", 1)
-    envs = list(s["fleet"]["per_env"].values())
-    worst_hz = min(e["sim_hz"] or 0 for e in envs)
-    worst_fresh = min(e["fresh_fraction"] for e in envs)
-    worst_age = max(e["action_age_s"]["p99"] for e in envs if e["action_age_s"])
-    holds = worst_hz >= 19.5 and worst_fresh >= 0.95 and worst_age <= 0.100
-    rows.append({"engine": engine.replace("_", "+"), "envs": int(n), "worst_sim_hz": worst_hz,
-                 "worst_fresh": worst_fresh, "worst_action_age_p99_s": worst_age, "holds_20hz": holds,
-                 "batch_size_mean": s["fleet"]["batch_size_mean"], "frames_per_s": s["fleet"]["frames_per_s"],
-                 "inference_p50_s": s["stages_s"]["inference"]["p50"]})
-rows.sort(key=lambda r: (r["engine"], r["envs"]))
-capacity = {e: max([r["envs"] for r in rows if r["engine"] == e and r["holds_20hz"]], default=0)
-            for e in sorted({r["engine"] for r in rows})}
-(out / f"fleet-{gpu}.json").write_text(json.dumps({"rows": rows, "capacity": capacity}, indent=2) + "\n")
-print("| engine | N | worst sim Hz | worst fresh | worst action age p99 ms | batch mean | frames/s | holds |")
-print("|---|---|---|---|---|---|---|---|")
-for r in rows:
-    print(f"| {r['engine']} | {r['envs']} | {r['worst_sim_hz']:.1f} | {100 * r['worst_fresh']:.0f}% | "
-          f"{1e3 * r['worst_action_age_p99_s']:.0f} | {r['batch_size_mean']:.1f} | {r['frames_per_s']:.1f} | "
-          f"{'yes' if r['holds_20hz'] else 'no'} |")
-print("fleet capacity (largest N that holds 20 Hz):", capacity)
-EOF
-    ;;
-  evalrate)
-    # eval throughput (issue 16): `rtloop eval` on real LIBERO (set up first: ../shared/gpu-libero, then
-    # `. /opt/libero-site/env.sh`), N env workers feeding ONE batched policy, per N and clock. Each process
-    # builds (compiles) the engine and warms up every batch bucket N envs can fill before its first episode
-    # (minutes for compiled), so each run is short: EVAL_TOTAL episodes (default max(2N, 4): two rounds of the
-    # fleet) over the first tasks of libero_object, at most EVAL_STEPS policy steps each (280, the official
-    # libero_object limit; random weights never succeed, so every episode runs to it). eval reports episodes
-    # per hour over the invocation and after its setup; the summary projects the 500-episode protocol from
-    # the latter (a PROJECTION). A whole sweep (4 N x 2 clocks) is ~8 compiles: split it over calls, e.g.
-    # EVAL_NS=16 EVAL_CLOCKS=wall, and merge the outputs with scripts/evalrate_summary.py OUT1 OUT2 ...
-    # CPU dry run: EVAL_DEVICE=cpu EVAL_ENGINE=eager EVAL_CHECKPOINT=DIR EVAL_NS="1 2" EVAL_STEPS=5
-    [ -n "${EVAL_CHECKPOINT:-}" ] || checkpoint7b
-    engine=${EVAL_ENGINE:-compiled+fp8}
-    for clock in ${EVAL_CLOCKS:-wall virtual}; do
-      for n in ${EVAL_NS:-1 4 8 16}; do
-        total=${EVAL_TOTAL:-$(( 2 * n > 4 ? 2 * n : 4 ))}
-        per_task=$(( (total + 9) / 10 ))  # init states per task; libero_object has 10 tasks
-        tasks=$(( (total + per_task - 1) / per_task ))
-        name="evalrate-${EVAL_POLICY:-openvla}-${engine//+/_}-$clock-n$n"
-        dir="/tmp/evalrate/$name"
-        rm -rf "$dir" && mkdir -p "$dir"
-        say "rtloop eval --envs $n --clock $clock --engine $engine: $tasks tasks x $per_task init states (real LIBERO)"
-        timeout -s INT -k 30 ${EVAL_TIMEOUT:-580} python3 -m rtloop eval --suite libero_object --tasks "0-$((tasks - 1))" \
-          --episodes "$per_task" --envs "$n" --clock "$clock" --policy "${EVAL_POLICY:-openvla}" --engine "$engine" \
-          --device "${EVAL_DEVICE:-cuda}" --checkpoint "${EVAL_CHECKPOINT:-/tmp/ck7b}" --max-steps "${EVAL_STEPS:-280}" \
-          --out "$dir" 2> "$dir/stderr.txt" | tee -a "$LOG"
-        rc=${PIPESTATUS[0]}  # 124: the timeout stopped it (eval wrote its tables from the episodes done)
-        echo "exit $rc; stderr's end: $(tr '\r' '\n' < "$dir/stderr.txt" | grep -v 'ep/s' | tail -3)" | tee -a "$LOG"
-        mkdir -p "$OUT/$name" && cp "$dir"/table.json "$dir"/table.md "$dir"/results.jsonl "$OUT/$name/" 2>/dev/null
-        cp "$dir"/gpu.csv "$OUT/$name/" 2>/dev/null
-        tail -c 20000 "$dir/workers.log" > "$OUT/$name/workers-tail.log" 2>/dev/null
-      done
-    done
+    python3 scripts/fleet_summary.py "$OUT" --json "$OUT/fleet-$GPU.json" 2>&1 | tee -a "$LOG"
     python3 scripts/evalrate_summary.py "$OUT" --json "$OUT/evalrate-$GPU.json" 2>&1 | tee -a "$LOG" ;;
   serve)
     # issue 17 on the GPU: `rtloop serve` (the 7b, random weights) and `rtloop run --policy ws://` driving real
@@ -292,6 +246,8 @@ EOF
     done
     grep -v "^SILENT" "$dir/serve.log" | tail -4 | tee -a "$LOG"
     if [ $up = 1 ]; then
+      # SERVE_GO: the server may compile while another measurement runs; the client starts once the file exists
+      [ -n "${SERVE_GO:-}" ] && { say "server up; waiting for $SERVE_GO"; while [ ! -e "$SERVE_GO" ]; do sleep 1; done; }
       timeout -s INT ${SERVE_RUN_TIMEOUT:-100} python3 -m rtloop run --policy "ws://127.0.0.1:$port" --rate 20 \
         --suite libero_object --task "${TASKS:-0}" --episodes "${SERVE_EPISODES:-2}" --max-steps "${SERVE_STEPS:-280}" \
         --quiet --metrics-port 0 --trace "$dir/trace.jsonl" ${SERVE_RUN_EXTRA:-} > "$dir/run.log" 2>&1

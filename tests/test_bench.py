@@ -130,3 +130,23 @@ def test_prefill_flops_of_7b_are_about_two_per_weight_per_position():
     # 6.5e9 weights in the 32 layers, 2 FLOPs each per position: ~3.7 TFLOP, less the last layer's rows
     assert 3.4e12 < flops < 3.9e12
     assert prefill_flops(config, 8, 288) == 8 * flops
+
+
+def test_bench_times_a_policy_it_is_given_and_leaves_its_engine(tmp_path, tiny_checkpoint):
+    """scripts/fleet_study.py's path: bench on a policy already built (its buckets captured), not a new one;
+    an engine other than the policy's is refused in one line."""
+    from rtloop import bench
+    from rtloop.cli import build_parser
+    from rtloop.errors import InputError
+    from rtloop.policy.openvla import OpenVLAPolicy
+
+    policy = OpenVLAPolicy(tiny_checkpoint, engine="eager", max_batch=2)
+    engine = policy.engine
+    argv = ["bench", "--size", "tiny", "--device", "cpu", "--engines", "eager", "--batch", "1,2", "--iters", "1",
+            "--warmup", "0", "--agreement-frames", "2", "--out", str(tmp_path / "given")]
+    assert bench.main(build_parser("bench").parse_args(argv), policy=policy) == 0
+    assert policy.engine is engine
+    assert list(json.loads((tmp_path / "given.json").read_text())["engines"]["eager"]["batches"]) == ["1", "2"]
+    wrong = build_parser("bench").parse_args([*argv[:6], "reference", *argv[7:]])
+    with pytest.raises(InputError, match="a built policy times its own engine"):
+        bench.main(wrong, policy=policy)

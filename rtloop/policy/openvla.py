@@ -101,9 +101,7 @@ class OpenVLAPolicy:
         self.center_crop = center_crop
         self.rotate = rotate
         self.prompt_template = PROMPT_TEMPLATE if prompt_template is None else check_prompt_template(prompt_template)
-        self.guards = Guards()  # the checks of the configuration, and of the frames of stream 0
-        self.guards.check_rotation(rotate)
-        self._stream_guards: dict[int, Guards] = {0: self.guards}  # per stream of frames (an env of a fleet)
+        self.reset_guards()
 
         # the statistics are checked before the weights load: a wrong key fails in a moment, not after minutes
         self.unnorm_key = resolve_unnorm_key(self.config.norm_stats, unnorm_key, suite)
@@ -268,6 +266,13 @@ class OpenVLAPolicy:
         (engines that capture graphs do it on a later call). Their alerts stay queued for the first act."""
         alerts = [alert for _ in range(2) for alert in self.act(obs, instruction).alerts]
         self.guards.requeue(alerts)
+
+    def reset_guards(self) -> None:
+        """Fresh checks of the configuration and of every stream's frames and actions: a new run on this
+        policy, its engine as built (scripts/fleet_study.py runs many on one compiled engine)."""
+        self.guards = Guards()  # the checks of the configuration, and of the frames of stream 0
+        self.guards.check_rotation(self.rotate)
+        self._stream_guards: dict[int, Guards] = {0: self.guards}  # per stream of frames (an env of a fleet)
 
     def close(self) -> None:
         pass
