@@ -44,9 +44,10 @@ def test_every_dashboard_query_returns_data_from_a_live_run(tiny_checkpoint, tmp
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "MUJOCO_GL": "egl"},
     )
     # The fleet's episodes last longer (replay has 50 init states, 2 envs get through them fast): it must
-    # outlive LIBERO's start.
+    # outlive LIBERO's start, up to WAIT_S (25 episodes per env of 8 s each), and end its first episode before
+    # LIBERO ends its first.
     fleet = subprocess.Popen(
-        [sys.executable, "-m", "rtloop", "run", *common, "--max-steps", "150", "--envs", "2", "--sim", "replay",
+        [sys.executable, "-m", "rtloop", "run", *common, "--max-steps", "80", "--envs", "2", "--sim", "replay",
          "--metrics-port", str(fleet_port), "--trace", str(tmp_path / "fleet" / "trace.jsonl")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -92,19 +93,14 @@ def test_every_dashboard_query_returns_data_from_a_live_run(tiny_checkpoint, tmp
             assert envs == {"0", "1"}
             assert finite_values(api.query("max(rtloop_inference_batch_size_sum - rtloop_inference_batch_size_count)"))[0] > 0
     finally:
-        if fleet.poll() is None:
-            fleet.send_signal(signal.SIGINT)
+        for proc in (run, fleet):  # Ctrl-C to both at once: each cleans up, prints its summary, exits 130
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
         try:
-            fleet_output = fleet.communicate(timeout=60)[0]
-        except subprocess.TimeoutExpired:
-            fleet.kill()
-            raise
-        if run.poll() is None:
-            run.send_signal(signal.SIGINT)  # Ctrl-C: the run cleans up, prints its summary, exits 130
-        try:
-            output = run.communicate(timeout=60)[0]
+            output, fleet_output = (proc.communicate(timeout=60)[0] for proc in (run, fleet))
         except subprocess.TimeoutExpired:
             run.kill()
+            fleet.kill()
             raise
     assert run.returncode == 130, output
     assert fleet.returncode == 130, fleet_output
