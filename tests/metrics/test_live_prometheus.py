@@ -137,26 +137,27 @@ def test_every_server_panel_query_returns_data_from_a_live_server(tiny_checkpoin
     stop = threading.Event()
     client = None
     try:
-        deadline = time.monotonic() + WAIT_S
-        while not (m := re.search(r"listening on (ws://127\.0\.0\.1:\d+)", log.read_text())):
-            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        url = m.group(1)
-        with connect(url) as ws:  # one refused request, so the error counters have moved
-            ws.recv()
-            ws.send(pack({"image": np.zeros((4, 4, 1), np.uint8), "instruction": "x"}))
-            assert "bad_shape" in ws.recv()
-        frame = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
-        policy = RemotePolicy(url)
-
-        def drive():  # requests the whole time Prometheus scrapes
-            while not stop.is_set():
-                policy.act(Observation(frame), "pick up the alphabet soup")
-
-        client = threading.Thread(target=drive, name="test-serve-client")
-        client.start()
+        # Prometheus first: its first scrape comes ~5 s after it starts (target discovery), while the server loads.
         with LocalPrometheus([f"127.0.0.1:{metrics_port}"], tmp_path / "prometheus") as prom:
             api = prom.api
+            deadline = time.monotonic() + WAIT_S
+            while not (m := re.search(r"listening on (ws://127\.0\.0\.1:\d+)", log.read_text())):
+                assert serve.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            url = m.group(1)
+            with connect(url) as ws:  # one refused request, so the error counters have moved
+                ws.recv()
+                ws.send(pack({"image": np.zeros((4, 4, 1), np.uint8), "instruction": "x"}))
+                assert "bad_shape" in ws.recv()
+            frame = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+            policy = RemotePolicy(url)
+
+            def drive():  # requests the whole time Prometheus scrapes
+                while not stop.is_set():
+                    policy.act(Observation(frame), "pick up the alphabet soup")
+
+            client = threading.Thread(target=drive, name="test-serve-client")
+            client.start()
             while True:
                 assert client.is_alive() and serve.poll() is None, log.read_text()
                 assert time.monotonic() < deadline, f"no complete data after {WAIT_S} s; targets up: {api.targets_up()}"
