@@ -44,9 +44,10 @@ def test_every_dashboard_query_returns_data_from_a_live_run(tiny_checkpoint, tmp
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "MUJOCO_GL": "egl"},
     )
     # The fleet's episodes last longer (replay has 50 init states, 2 envs get through them fast): it must
-    # outlive LIBERO's start.
+    # outlive LIBERO's start, up to WAIT_S (25 episodes per env of 8 s each), and end its first episode before
+    # LIBERO ends its first.
     fleet = subprocess.Popen(
-        [sys.executable, "-m", "rtloop", "run", *common, "--max-steps", "150", "--envs", "2", "--sim", "replay",
+        [sys.executable, "-m", "rtloop", "run", *common, "--max-steps", "80", "--envs", "2", "--sim", "replay",
          "--metrics-port", str(fleet_port), "--trace", str(tmp_path / "fleet" / "trace.jsonl")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -92,19 +93,14 @@ def test_every_dashboard_query_returns_data_from_a_live_run(tiny_checkpoint, tmp
             assert envs == {"0", "1"}
             assert finite_values(api.query("max(rtloop_inference_batch_size_sum - rtloop_inference_batch_size_count)"))[0] > 0
     finally:
-        if fleet.poll() is None:
-            fleet.send_signal(signal.SIGINT)
+        for proc in (run, fleet):  # Ctrl-C to both at once: each cleans up, prints its summary, exits 130
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
         try:
-            fleet_output = fleet.communicate(timeout=60)[0]
-        except subprocess.TimeoutExpired:
-            fleet.kill()
-            raise
-        if run.poll() is None:
-            run.send_signal(signal.SIGINT)  # Ctrl-C: the run cleans up, prints its summary, exits 130
-        try:
-            output = run.communicate(timeout=60)[0]
+            output, fleet_output = (proc.communicate(timeout=60)[0] for proc in (run, fleet))
         except subprocess.TimeoutExpired:
             run.kill()
+            fleet.kill()
             raise
     assert run.returncode == 130, output
     assert fleet.returncode == 130, fleet_output
@@ -141,26 +137,27 @@ def test_every_server_panel_query_returns_data_from_a_live_server(tiny_checkpoin
     stop = threading.Event()
     client = None
     try:
-        deadline = time.monotonic() + WAIT_S
-        while not (m := re.search(r"listening on (ws://127\.0\.0\.1:\d+)", log.read_text())):
-            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        url = m.group(1)
-        with connect(url) as ws:  # one refused request, so the error counters have moved
-            ws.recv()
-            ws.send(pack({"image": np.zeros((4, 4, 1), np.uint8), "instruction": "x"}))
-            assert "bad_shape" in ws.recv()
-        frame = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
-        policy = RemotePolicy(url)
-
-        def drive():  # requests the whole time Prometheus scrapes
-            while not stop.is_set():
-                policy.act(Observation(frame), "pick up the alphabet soup")
-
-        client = threading.Thread(target=drive, name="test-serve-client")
-        client.start()
+        # Prometheus first: its first scrape comes ~5 s after it starts (target discovery), while the server loads.
         with LocalPrometheus([f"127.0.0.1:{metrics_port}"], tmp_path / "prometheus") as prom:
             api = prom.api
+            deadline = time.monotonic() + WAIT_S
+            while not (m := re.search(r"listening on (ws://127\.0\.0\.1:\d+)", log.read_text())):
+                assert serve.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            url = m.group(1)
+            with connect(url) as ws:  # one refused request, so the error counters have moved
+                ws.recv()
+                ws.send(pack({"image": np.zeros((4, 4, 1), np.uint8), "instruction": "x"}))
+                assert "bad_shape" in ws.recv()
+            frame = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+            policy = RemotePolicy(url)
+
+            def drive():  # requests the whole time Prometheus scrapes
+                while not stop.is_set():
+                    policy.act(Observation(frame), "pick up the alphabet soup")
+
+            client = threading.Thread(target=drive, name="test-serve-client")
+            client.start()
             while True:
                 assert client.is_alive() and serve.poll() is None, log.read_text()
                 assert time.monotonic() < deadline, f"no complete data after {WAIT_S} s; targets up: {api.targets_up()}"

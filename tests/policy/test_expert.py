@@ -147,9 +147,13 @@ def test_held_object_over_the_basket_is_released_and_the_release_is_kept():
 
 @pytest.mark.slow
 def test_expert_solves_real_libero_through_the_runtime():
-    """Two tasks (a can and a flat box), one init state each, zero latency (sync), no rendering."""
+    """Two tasks (a can and a flat box), one init state each, zero latency (sync), no rendering. On the
+    virtual clock: the sim waits for every action either way, and the wall clock's 20 Hz pacing spent
+    most of the test asleep."""
     import anyio
 
+    from rtloop.clock import VirtualClock
+    from rtloop.runtime.latency import FixedLatency
     from rtloop.runtime.loop import LoopConfig, Runtime
     from rtloop.runtime.records import Fanout
     from rtloop.runtime.summary import RecordLog
@@ -162,7 +166,7 @@ def test_expert_solves_real_libero_through_the_runtime():
         try:
             log = RecordLog()
             runtime = Runtime(env, ScriptedExpert(), sim_thread, policy_thread, Fanout([log]),
-                              LoopConfig(rate=20, sync=True))
+                              LoopConfig(rate=20, sync=True), clock=VirtualClock(), latency=FixedLatency(0.0))
 
             async def one() -> object:
                 return await runtime.run_episode(0)

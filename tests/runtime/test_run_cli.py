@@ -98,16 +98,32 @@ def test_libero_run_warns_once_on_another_mujoco_and_records_it(libero_run):
     assert warnings == ([f"rtloop: warning: {expected}"] if expected else [])
 
 
+def run_at_once(cmds: dict[str, list], timeout=180) -> None:
+    """Start every command, then wait for all of them; each must exit 0. None outlives the call."""
+    procs = {name: subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                    env=subprocess_env())
+             for name, cmd in cmds.items()}
+    try:
+        for name, proc in procs.items():
+            stderr = proc.communicate(timeout=timeout)[1]
+            assert proc.returncode == 0, (name, stderr)
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
 def slow_runs(tiny_checkpoint, tmp_path):
-    """The same slow policy (inference ~2.5 ticks) run async (16 ticks) and sync (8 ticks of >= 0.6 s)."""
-    out = {}
+    """The same slow policy (inference ~2.5 ticks) run async (16 ticks) and sync (8 ticks of >= 0.6 s), both
+    at once, a core each (one torch thread): the policy mostly sleeps out its 0.6 s, and a replay tick is cheap."""
+    cmds, out = {}, {}
     for mode, steps in (("async", 16), ("sync", 8)):
-        trace = tmp_path / mode / "trace.jsonl"
+        out[mode] = tmp_path / mode / "trace.jsonl"
         extra = ["--sync"] if mode == "sync" else []
-        proc = rtloop_run("--checkpoint", tiny_checkpoint, "--sim", "replay", "--rate", RATE, "--max-steps", steps,
-                          "--inject-delay", 0.6, "--max-action-age", 5, "--quiet", "--trace", trace, *extra)
-        assert proc.returncode == 0, proc.stderr
-        out[mode] = trace
+        cmds[mode] = rtloop_cmd("--checkpoint", tiny_checkpoint, "--sim", "replay", "--rate", RATE, "--max-steps",
+                                steps, "--inject-delay", 0.6, "--max-action-age", 5, "--torch-threads", 1, "--quiet",
+                                "--trace", out[mode], *extra)
+    run_at_once(cmds)
     return out
 
 
@@ -238,22 +254,12 @@ def test_virtual_clock_at_zero_latency_equals_sync_on_libero(tiny_checkpoint, tm
     action from the frame the sync loop computes it from, so both runs apply the same actions."""
     # Both at once, a core each (one torch thread): nothing on the virtual clock depends on how fast the
     # machine runs, and most of each run is building LIBERO on one core.
-    procs = {}
-    for mode in ("async", "sync"):
-        extra = ["--sync"] if mode == "sync" else []
-        procs[mode] = subprocess.Popen(
-            rtloop_cmd("--checkpoint", tiny_checkpoint, "--clock", "virtual", "--inject-delay", 0, "--max-steps", 6,
-                       "--torch-threads", 1, "--quiet", "--trace", tmp_path / mode / "trace.jsonl", *extra),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=subprocess_env())
-    try:
-        for proc in procs.values():
-            stderr = proc.communicate(timeout=180)[1]
-            assert proc.returncode == 0, stderr
-    finally:
-        for proc in procs.values():
-            proc.kill()
-            proc.wait()
-    runs = {mode: read_trace(tmp_path / mode / "trace.jsonl") for mode in procs}
+    modes = ("async", "sync")
+    run_at_once({mode: rtloop_cmd("--checkpoint", tiny_checkpoint, "--clock", "virtual", "--inject-delay", 0,
+                                  "--max-steps", 6, "--torch-threads", 1, "--quiet",
+                                  "--trace", tmp_path / mode / "trace.jsonl", *(["--sync"] if mode == "sync" else []))
+                 for mode in modes})
+    runs = {mode: read_trace(tmp_path / mode / "trace.jsonl") for mode in modes}
     assert runs["async"][0]["clock"] == "virtual"
     actions = {m: [(r["frame_seq"], r["action"]) for r in recs if r["kind"] == "inference"] for m, recs in runs.items()}
     assert actions["async"] == actions["sync"] and len(actions["async"]) == 6
