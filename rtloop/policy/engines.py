@@ -325,7 +325,8 @@ class GraphedEngine(BatchOneCalls):
         if self.compile_stages:
             self._compile(device, kernel_options)
         else:
-            self.stages = {False: self._stages(TORCH_OPS)}  # by "batch > 1"
+            stages = self._stages(TORCH_OPS)
+            self.stages = {False: stages, True: stages}  # by "batch > 1": plain torch ops at any batch
 
     def _compile(self, device, kernel_options) -> None:
         from rtloop.policy import kernels

@@ -199,6 +199,85 @@ if triton is not None:
     )(_even(_gemv_kernel))
 
 
+if triton is not None:
+
+    @triton.jit
+    def _few_rows_kernel(
+        x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K,
+        HAS_SCALE: tl.constexpr, INT8_BITS: tl.constexpr, F32_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # y[m, n] = sum_k x[m, k] * w[n, k] * scale[n] for the M <= BLOCK_M rows of a batch's decode: each
+        # program streams its BLOCK_N weight rows once, for all M rows (a tensor-core dot, M padded to the
+        # block), where a matmul on widened weights would write and re-read them in 2 bytes. 1-byte weights
+        # widen exactly to the activations' dtype (int8 and e4m3 values are bf16 values).
+        rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_m = tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            kk = k + cols
+            x = tl.load(x_ptr + rows_m[:, None] * K + kk[None, :], mask=(rows_m[:, None] < M) & (kk[None, :] < K),
+                        other=0.0)
+            w = tl.load(w_ptr + rows_n[:, None] * K + kk[None, :], mask=(rows_n[:, None] < N) & (kk[None, :] < K),
+                        other=0.0)
+            w = _widen(w, INT8_BITS)
+            if F32_DOT:  # full float32 products, no TF32 rounding
+                acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        if HAS_SCALE:
+            acc *= tl.load(scale_ptr + rows_n, mask=rows_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows_m[:, None] * N + rows_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rows_m[:, None] < M) & (rows_n[None, :] < N))
+
+    # enough programs (N / BLOCK_N) to fill the SMs, each with enough weight bytes in flight
+    _FEW_ROWS_CONFIGS = [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for n in (16, 32, 64) for k in (128, 256, 512) for w, s in ((4, 2), (4, 3), (4, 4), (8, 3))
+        if n * k <= 16384
+    ]
+    _few_rows_tuned = triton.autotune(
+        configs=_FEW_ROWS_CONFIGS, key=["M", "N", "K", "HAS_SCALE", "INT8_BITS", "F32_DOT", "BLOCK_M"],
+    )(_few_rows_kernel)
+
+FEW_ROWS_MAX = 32  # the largest batch bucket
+FEW_ROWS_TILE = (32, 256, 4, 3)  # (BLOCK_N, BLOCK_K, num_warps, num_stages) when not autotuning
+
+
+@torch.library.custom_op("rtloop::few_rows_matmul", mutates_args=())
+def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                    tile: list[int] | None = None, int8_bits: bool = True) -> torch.Tensor:
+    """x [M, K] (M <= FEW_ROWS_MAX: one row per frame of a batch's decode), weight [N, K] (int8/fp8, or
+    bf16/fp32), scale [N] or None -> x @ (weight * scale).T [M, N] in x's dtype, float32 accumulation. `tile`
+    (BLOCK_N, BLOCK_K, num_warps, num_stages): that tile, None: autotuned; `int8_bits`: see `_widen`."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if M > FEW_ROWS_MAX:
+        raise ValueError(f"few_rows_matmul takes at most {FEW_ROWS_MAX} rows, got {M}")
+    x = x.contiguous()
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    flags = {"HAS_SCALE": scale is not None, "INT8_BITS": int8_bits and weight.dtype == torch.int8,
+             # float32 activations, or the interpreter (its numpy dot has no bf16): float32 products
+             "F32_DOT": x.dtype == torch.float32 or INTERPRET, "BLOCK_M": max(16, triton.next_power_of_2(M))}
+    args = (x, weight, weight if scale is None else scale, y, M, N, K)
+    if INTERPRET:  # a fixed, large tile: each program costs numpy calls
+        block_n = max(32, triton.next_power_of_2(triton.cdiv(N, 16)))
+        _few_rows_kernel[(triton.cdiv(N, block_n),)](*args, **flags, BLOCK_N=block_n, BLOCK_K=128)
+    elif tile is not None:
+        block_n, block_k, warps, stages = tile
+        _few_rows_kernel[(triton.cdiv(N, block_n),)](*args, **flags, BLOCK_N=block_n, BLOCK_K=block_k,
+                                                     num_warps=warps, num_stages=stages)
+    else:
+        _few_rows_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+    return y
+
+
+@few_rows_matmul.register_fake
+def _(x, weight, scale, tile=None, int8_bits=True):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 def _launch(pdl: bool) -> dict:
     """The launch options of a kernel written for programmatic dependent launch (see `_gemv_kernel`)."""
     return {"USE_PDL": True, "launch_pdl": True} if pdl and not INTERPRET else {"USE_PDL": False}

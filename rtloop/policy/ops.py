@@ -14,8 +14,9 @@ An `Ops` is three functions:
 activation dtype first (weight-only quantisation: exact, but slower than bf16). `kernel_ops(options, batch)`
 is the compiled engine's: at batch 1 every decode linear is one Triton GEMV with its RMSNorm and residual
 fused, and the decode attention one kernel (rtloop.policy.kernels); quantised prefills run on 8-bit tensor
-cores at any batch. The GEMV and the decode attention kernel are written for one row, so at batch > 1 the
-decode steps use the plain ops (cuBLAS matmuls).
+cores at any batch. The GEMV and the decode attention kernel are written for one row, so at batch > 1 a
+decode linear on 1-byte weights is `kernels.few_rows_matmul` (each weight tile read once for the batch),
+on bf16 weights cuBLAS's matmul, and the decode attention plain torch.
 """
 
 from __future__ import annotations
@@ -122,6 +123,19 @@ def quantised_prefill_linear(x, linear, norm=None, residual=None, gated=False, *
     return _epilogue(y.view(*x.shape[:-1], -1), gated, residual)
 
 
+def few_rows_linear(x, linear, norm=None, residual=None, gated=False, *, options: kernels.KernelOptions):
+    """A batch's decode on 1-byte weights: each weight tile read once for every frame (kernels.few_rows_matmul);
+    bf16 weights go to cuBLAS, which reads them once already."""
+    if linear.scale is None:
+        return torch_linear(x, linear, norm, residual, gated)
+    if norm is not None:
+        x = norm(x)
+    tile = None if options.autotune else list(kernels.FEW_ROWS_TILE)
+    y = kernels.few_rows_matmul(x.reshape(-1, x.shape[-1]), linear.weight, linear.scale, tile=tile,
+                                int8_bits=options.int8_bits)
+    return _epilogue(y.view(*x.shape[:-1], -1), gated, residual)
+
+
 def kernel_decode_attention(qkv, input_pos, cache, n_heads, cos, sin, causal_mask, *, options: kernels.KernelOptions):
     return kernels.decode_attention(qkv, cos, sin, input_pos, cache.k_cache, cache.v_cache, n_heads, options.pdl)
 
@@ -131,4 +145,4 @@ def kernel_ops(options: kernels.KernelOptions, batch: int = 1) -> Ops:
     prefill = partial(quantised_prefill_linear, options=options)
     if batch == 1:
         return Ops(prefill, partial(gemv_linear, options=options), partial(kernel_decode_attention, options=options))
-    return Ops(prefill, torch_linear, torch_decode_attention)
+    return Ops(prefill, partial(few_rows_linear, options=options), torch_decode_attention)

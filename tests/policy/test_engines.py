@@ -11,7 +11,7 @@ import torch
 
 from rtloop.bench import DEFAULT_FRAMES, engine_tokens, load_frames
 from rtloop.errors import InputError
-from rtloop.policy.engines import build_engine, check_engine_device, split_engine_name
+from rtloop.policy.engines import PROMPT_BUCKET, build_engine, check_engine_device, split_engine_name
 from rtloop.policy.linear import Linear
 from rtloop.policy.quant import llama_bytes_per_token, quantize_, quantize_weight, weight_format
 
@@ -32,6 +32,45 @@ def frames():
 def _run(policy, name, frames):
     policy.engine = build_engine(name, policy.model)
     return engine_tokens(policy, frames)
+
+
+# Quantisation errors at the first token, as a share of the largest bf16 logit, on the tiny random model (2-core
+# CPU dev machine, eager+int8/fp8 against eager: 2.1% and 5.9%), with margin. Its logits are near-ties (the
+# median gap between the top two is 0.6% of the largest), so 8-bit weights flip tokens that a trained 7B
+# keeps: tokens are compared only where the gap exceeds twice the tolerance.
+QUANT_TOL = {"int8": 0.06, "fp8": 0.15}
+
+
+def _agrees_where_decided(tokens, logits, base_tokens, base_logits, rel_tol) -> int:
+    """Frame by frame, position by position while the tokens so far agree (a later position is conditioned
+    on them): logits within rel_tol x the largest base logit, and the same token wherever the base's top two
+    logits differ by more than twice that. Returns how many positions were compared."""
+    tol = rel_tol * base_logits.float().abs().max()
+    compared = 0
+    for b in range(tokens.shape[0]):
+        for t in range(tokens.shape[1]):
+            error = (logits[b, t].float() - base_logits[b, t].float()).abs().max()
+            assert error <= tol, f"frame {b} token {t}: logits off by {error:.4g} > {tol:.4g}"
+            top2 = base_logits[b, t].float().topk(2).values
+            if top2[0] - top2[1] > 2 * tol:
+                assert tokens[b, t] == base_tokens[b, t], f"frame {b} token {t}: a clear choice changed"
+            compared += 1
+            if tokens[b, t] != base_tokens[b, t]:
+                break
+    return compared
+
+
+def test_agreement_where_decided_fails_on_far_logits_and_on_a_changed_clear_choice():
+    base = torch.tensor([[[4.0, 0.0, 0.0], [0.0, 1.0, 1.05]]])
+    base_tokens = base.argmax(-1)
+    assert _agrees_where_decided(base_tokens, base + 0.1, base_tokens, base, 0.05) == 2
+    near_tie = torch.tensor([[[4.0, 0.0, 0.0], [0.0, 1.1, 1.05]]])  # the tie flips: allowed, and it stops there
+    assert _agrees_where_decided(near_tie.argmax(-1), near_tie, base_tokens, base, 0.05) == 2
+    with pytest.raises(AssertionError, match="logits off"):
+        _agrees_where_decided(base_tokens, base + 0.5, base_tokens, base, 0.05)
+    flipped = torch.tensor([[[0.0, 4.0, 0.0], [0.0, 1.0, 1.05]]])
+    with pytest.raises(AssertionError, match="a clear choice changed"):
+        _agrees_where_decided(flipped.argmax(-1), base, base_tokens, base, 0.05)
 
 
 def test_eager_and_reference_pick_the_same_tokens(tiny_checkpoint, frames):
@@ -156,10 +195,10 @@ def test_compiled_matches_eager_on_cuda(tiny_checkpoint, frames):
 def test_compiled_quantised_mostly_matches_bf16_on_cuda(tiny_checkpoint, frames, fmt):
     """compiled+int8/fp8 (Triton GEMV decode, 8-bit tensor-core prefill) against compiled in bf16."""
     policy = _policy(tiny_checkpoint, "cuda", torch.bfloat16)
-    base, _ = _run(policy, "compiled", frames)
-    tokens, _ = _run(policy, f"compiled+{fmt}", frames)
+    base, base_logits = _run(policy, "compiled", frames)
+    tokens, logits = _run(policy, f"compiled+{fmt}", frames)
     assert weight_format(policy.model) == fmt
-    assert (tokens == base).float().mean() >= 0.75
+    _agrees_where_decided(tokens, logits, base, base_logits, QUANT_TOL[fmt])
 
 
 INSTRUCTIONS = ["pick up the ketchup", "pick up the alphabet soup and place it in the basket",
@@ -241,8 +280,9 @@ def test_graphed_batches_equal_each_frame_alone_on_cuda(tiny_checkpoint, name):
     host_images, host_ids = _batch_inputs(policy, 3, on_host=True)
     assert torch.equal(_batch_matches_batch_one(engine, host_images, host_ids, 1e-2), tokens)
     assert {key[0] for key in engine.graphs} == {1, 4}  # batch buckets, sharing one pool
-    seconds, frames, positions = engine.time_prefill(3, max(i.shape[1] for i in ids))
-    assert seconds > 0 and frames == 4 and positions == 256 + 16
+    longest = max(i.shape[1] for i in ids)
+    seconds, frames, positions = engine.time_prefill(3, longest)
+    assert seconds > 0 and frames == 4 and positions == 256 + -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
 
 
 @pytest.mark.gpu
@@ -255,10 +295,13 @@ def test_compiled_quantised_batches_mostly_match_batch_one_on_cuda(tiny_checkpoi
     policy = _policy(tiny_checkpoint, "cuda", torch.bfloat16)
     engine = build_engine(f"compiled+{fmt}", policy.model, max_batch=4)
     images, ids = _batch_inputs(policy, 4)
-    tokens = engine.generate_batch(images, ids).clone()
-    alone = torch.stack([engine.generate_batch(images[b : b + 1], [ids[b]])[0] for b in range(4)])
-    assert (tokens == alone).float().mean() >= 0.75
+    tokens, logits = (t.clone() for t in engine.generate_batch_with_logits(images, ids))
+    alone = [engine.generate_batch_with_logits(images[b : b + 1], [ids[b]]) for b in range(4)]
+    alone_tokens, alone_logits = (torch.cat([a[i] for a in alone]) for i in (0, 1))
+    # the same weights and activations in both: only the kernels (and their rounding) differ
+    _agrees_where_decided(tokens, logits, alone_tokens, alone_logits, 0.03)
     if fmt == "fp8" and torch.cuda.get_device_capability() >= (9, 0):  # the RTX 4090's code paths, forced
         ada = build_engine("compiled+fp8", policy.model, max_batch=4, kernel_options=KernelOptions(arch="sm89"))
         assert ada.kernel_options.sm == 89 and not ada.kernel_options.pdl
-        assert (ada.generate_batch(images, ids) == tokens).float().mean() >= 0.75
+        # per-tensor activation scales in the 8-bit prefill, where Hopper's are per row
+        _agrees_where_decided(*ada.generate_batch_with_logits(images, ids), tokens, logits, QUANT_TOL["fp8"])

@@ -53,6 +53,54 @@ def test_gemv_matches_torch(fmt, shape, gated, variant):
         _close(kernels.gemv_reference(x, w, scale, False), x.float() @ wf.t(), 1e-2)
 
 
+@pytest.mark.parametrize("rows", [2, 5, 16, 32])
+@pytest.mark.parametrize("shape", [(64, 256), (40, 200)])  # even tiles, and rows/columns that need masks
+@pytest.mark.parametrize("fmt", ["float32", "int8", "fp8"])
+def test_few_rows_matmul_matches_torch(fmt, shape, rows):
+    """A batch's decode on the kernel: every row against its own product, in the interpreter's tile (CPU) or
+    the autotuned and a fixed one (GPU); more rows than the largest bucket are refused."""
+    N, K = shape
+    g = torch.Generator().manual_seed(N + K + rows)
+    x = torch.randn(rows, K, generator=g)
+    w = torch.randn(N, K, generator=g)
+    if fmt == "float32":
+        scale = None
+    else:
+        x = x.bfloat16()
+        w, scale = quantize_weight(w.bfloat16(), fmt)
+        scale = scale.to(DEVICE)
+    x, w = x.to(DEVICE), w.to(DEVICE)
+    ref = x.float() @ (w.float() * (1 if scale is None else scale.float()[:, None])).t()
+    for tile in ([None, list(kernels.FEW_ROWS_TILE)] if DEVICE == "cuda" else [None]):
+        y = kernels.few_rows_matmul(x, w, scale, tile=tile)
+        assert y.shape == (rows, N) and y.dtype == x.dtype
+        _close(y, ref, 1e-5 if fmt == "float32" else 1e-2)
+        for r in (0, rows - 1):  # no row reads another's activations
+            _close(y[r], ref[r], 1e-5 if fmt == "float32" else 1e-2)
+    with pytest.raises(ValueError, match="at most 32 rows, got 33"):
+        kernels.few_rows_matmul(torch.zeros(33, K, device=DEVICE, dtype=x.dtype), w, scale)
+
+
+def test_a_batch_of_frames_on_the_kernels_picks_each_frames_tokens(tiny_checkpoint):
+    """The tiny model quantised to int8, two frames with one prompt: at batch 2 the decode linears run on
+    `few_rows_matmul` (weight-only, as the batch-1 GEMV); against the plain torch ops on the same batch."""
+    from rtloop.bench import DEFAULT_FRAMES, load_frames
+    from rtloop.policy.processor import build_prompt, pixel_values, prepare_libero_image, tokenize_prompt
+
+    policy = _tiny_policy(tiny_checkpoint)
+    quantize_(policy.model, "int8")
+    frames = load_frames(DEFAULT_FRAMES)[:2]
+    ids = tokenize_prompt(policy.tokenizer, build_prompt(frames[0].instruction)).to(DEVICE).repeat(2, 1)
+    pixels = torch.cat([pixel_values(prepare_libero_image(f.image), DEVICE, policy.dtype) for f in frames])
+    options = kernels.DEFAULT_OPTIONS.resolve(torch.device(DEVICE))
+    assert kernel_ops(options, batch=2).decode_linear.func.__name__ == "few_rows_linear"
+    plain = policy.model.generate_action_tokens(pixels, ids)
+    fast = policy.model.generate_action_tokens(pixels, ids, ops=kernel_ops(options, batch=2))
+    assert not torch.equal(plain[0], plain[1])  # the frames differ: a mix-up would show
+    # the prefill's activations are quantised too (int8_matmul, where the shapes fit): one flip a frame
+    assert (plain == fast).float().mean() >= 6 / 7
+
+
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("shape", [(64, 256), (40, 200)])
 @pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
