@@ -83,9 +83,13 @@ for step in $steps; do
     say "pytest -m gpu"
     # the engines (batched, sm89 forced) and the model first: the ~50 GEMV variants compile a Triton kernel each
     # and took > 290 s of the H200 on their own (2026-12-02)
-    timeout ${TESTS_TIMEOUT:-580} python3 -m pytest -q -rfE tests/policy/test_engines.py tests/policy/test_model.py \
+    # the whole output to $OUT/tests.txt (a timeout cuts the pipeline: `| tail` kept no failure, 2026-12-02)
+    timeout ${TESTS_TIMEOUT:-580} python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -o log_level=WARNING \
+      tests/policy/test_engines.py tests/policy/test_model.py \
       tests/policy/test_kernels.py::test_the_sm89_code_paths_can_be_forced_on_hopper tests/policy/test_kernels.py \
-      2>&1 | tail -25 | tee -a "$LOG" ;;
+      > "$OUT/tests.txt" 2>&1
+    echo "pytest exit $? (124: stopped at TESTS_TIMEOUT)" >> "$OUT/tests.txt"
+    grep -E "^(FAILED|ERROR)|passed|failed|pytest exit" "$OUT/tests.txt" | tee -a "$LOG" ;;
   parity)
     say "vit timm parity"
     timeout 60 python3 scripts/vit_timm_parity.py --device cuda > "$OUT/vit_timm_parity-$GPU.json" 2>>"$LOG"
