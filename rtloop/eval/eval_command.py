@@ -118,6 +118,9 @@ def main(args: argparse.Namespace) -> int:
                            "episodes_per_hour_running": 3600 * outcome.ran / running_s})
     notes = [f"suite {args.suite}, init states 0-{episodes[-1]} per task, {mode}, {args.rate:g} Hz, {args.clock} clock",
              "95% CI: Wilson score interval; fresh: ticks that applied an action for the first time"]
+    if outcome.interrupted:
+        notes.append("interrupted: the episodes per hour count only finished episodes over time that includes the "
+                     "unfinished ones (each row's wall_s is its own)")
     if on_fleet and (args.sync or args.clock == "virtual"):
         notes.append("each env waits for its action (sync, virtual clock): the policy batches the frames of the envs "
                      "waiting at the time")
