@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rtloop.children import stop
+
 INTERVAL_MS = 500
 QUERY = "timestamp,index,name,utilization.gpu,memory.used"
 TIMESTAMP = "%Y/%m/%d %H:%M:%S.%f"  # nvidia-smi's, local time
@@ -45,12 +47,7 @@ class GpuSampler:
 
     def __exit__(self, *exc) -> None:
         if self._child is not None:
-            self._child.terminate()
-            try:
-                self._child.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._child.kill()
-                self._child.wait()
+            stop(self._child, grace_s=5)
 
     def summary(self, running_since: float | None = None) -> dict:
         """Per GPU, over the invocation and from `running_since` (time.time() when the episodes began)."""

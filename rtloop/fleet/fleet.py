@@ -115,7 +115,7 @@ def warm_batches(policy: Policy, obs: Observation, instruction: str, envs: int) 
     Their streams are negative, no env's; their alerts are the warm-up frame's, which `warmup` keeps."""
     if getattr(policy, "act_batch", None) is None:  # frame by frame: nothing per batch size to build
         return
-    largest = next((b for b in BUCKETS if b >= min(envs, MAX_BATCH)), MAX_BATCH)
+    largest = next(b for b in BUCKETS if b >= min(envs, MAX_BATCH))
     for size in (b for b in BUCKETS if 1 < b <= largest):
         policy.act_batch([obs] * size, [instruction] * size, streams=[-1 - i for i in range(size)])
 

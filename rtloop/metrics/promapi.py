@@ -17,6 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from rtloop.children import stop
 from rtloop.errors import MetricsError
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "grafana" / "dashboards" / "rtloop.json"
@@ -135,11 +136,6 @@ class LocalPrometheus:
         raise MetricsError(f"prometheus did not become ready in 30 s: see {self.workdir / 'prometheus.log'}")
 
     def __exit__(self, *exc) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop(self.process, grace_s=15)
         self.log.close()

@@ -109,18 +109,23 @@ def fits_8bit_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return M % 16 == 0 and K % 16 == 0 and N % 16 == 0
 
 
+def _on_rows(matmul, x, norm, residual, gated):
+    """`residual + f(matmul(norm(x)))` with matmul taking x's rows as one [M, K] matrix."""
+    if norm is not None:
+        x = norm(x)
+    y = matmul(x.reshape(-1, x.shape[-1]))
+    return _epilogue(y.view(*x.shape[:-1], -1), gated, residual)
+
+
 def quantised_prefill_linear(x, linear, norm=None, residual=None, gated=False, *, options: kernels.KernelOptions):
     """1-byte weights on 8-bit tensor cores, activations quantised per token; otherwise as torch_linear."""
     if linear.scale is None or not fits_8bit_gemm(x, linear.weight):
         return torch_linear(x, linear, norm, residual, gated)
-    if norm is not None:
-        x = norm(x)
-    rows = x.reshape(-1, x.shape[-1])
     if linear.weight.dtype == torch.int8:
-        y = kernels.int8_matmul(rows, linear.weight, linear.scale)
+        matmul = partial(kernels.int8_matmul, weight=linear.weight, scale=linear.scale)
     else:
-        y = kernels.fp8_matmul(rows, linear.weight, linear.scale, options)
-    return _epilogue(y.view(*x.shape[:-1], -1), gated, residual)
+        matmul = partial(kernels.fp8_matmul, weight=linear.weight, scale=linear.scale, options=options)
+    return _on_rows(matmul, x, norm, residual, gated)
 
 
 def few_rows_linear(x, linear, norm=None, residual=None, gated=False, *, options: kernels.KernelOptions):
@@ -128,12 +133,10 @@ def few_rows_linear(x, linear, norm=None, residual=None, gated=False, *, options
     bf16 weights go to cuBLAS, which reads them once already."""
     if linear.scale is None:
         return torch_linear(x, linear, norm, residual, gated)
-    if norm is not None:
-        x = norm(x)
     tile = None if options.autotune else list(kernels.FEW_ROWS_TILE)
-    y = kernels.few_rows_matmul(x.reshape(-1, x.shape[-1]), linear.weight, linear.scale, tile=tile,
-                                int8_bits=options.int8_bits)
-    return _epilogue(y.view(*x.shape[:-1], -1), gated, residual)
+    matmul = partial(kernels.few_rows_matmul, weight=linear.weight, scale=linear.scale, tile=tile,
+                     int8_bits=options.int8_bits)
+    return _on_rows(matmul, x, norm, residual, gated)
 
 
 def kernel_decode_attention(qkv, input_pos, cache, n_heads, cos, sin, causal_mask, *, options: kernels.KernelOptions):
