@@ -108,6 +108,8 @@ def build() -> dashboard.Dashboard:
     d = d.with_row(dashboard.Row("Stage latency (p50 / p95 / p99)"))
     stages = [
         ("processor", "Image + prompt preprocessing for the model."),
+        ("libero_image", "Inside processor: the LIBERO frame preparation (rotation, JPEG round trip, resize, "
+                         "crop), on several threads for a fleet's batch."),
         ("generate", "The model: vision towers, prefill and 7 action-token decode steps."),
         ("detokenize", "Action tokens to the env-ready 7-vector."),
         ("step", "env.step wall time, physics and render included."),

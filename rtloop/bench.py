@@ -36,12 +36,11 @@ import numpy as np
 from rtloop import clock
 from rtloop.commands.device import resolve_device
 from rtloop.errors import InputError
-from rtloop.policy.base import STAGES
+from rtloop.policy.base import LIBERO_IMAGE, STAGES
 from rtloop.policy.kernel_options import add_kernel_arguments, kernel_options_from_args
 from rtloop.sim.replay import Frame, default_recording, load_frames
 
 DEFAULT_FRAMES = default_recording()
-LIBERO_IMAGE = "libero_image"  # the eval's frame preparation (flip, JPEG, Lanczos): before predict_action
 N_TOKENS = 7  # 1 prefill + 6 decode forwards: the floor counts 7 passes over the weights
 DTYPES = ("bfloat16", "float16", "float32")
 

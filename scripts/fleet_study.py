@@ -8,7 +8,8 @@ compiles. In order:
      overlap it, the timed part must not);
   3. `rtloop bench --batch` on that engine (--batches);
   4. `rtloop run` in-process, one env (--inprocess-episodes): the single-env loop, for comparison;
-  5. `rtloop run --envs N` per N of --fleet-ns (fleet capacity);
+  5. `rtloop run --envs N` per N of --fleet-ns (fleet capacity), and per N of --serial-image-ns the same with
+     `--image-threads 1` (the frames prepared in series, as before the image threads: a ratio in one process);
   6. `rtloop eval --envs N --clock C` per N of --eval-ns and C of --eval-clocks (eval throughput).
 
 Steps 4-6 are rtloop's own commands: their arguments go through rtloop's parser and they run its main. The
@@ -16,7 +17,7 @@ one difference from separate `rtloop` processes: the policy they build is the on
 checks reset (OpenVLAPolicy.reset_guards). The outputs keep gpu_bench.sh's layout, so
 scripts/fleet_summary.py and scripts/evalrate_summary.py read them:
 
-    OUT/batch-<gpu>-<engine>.{json,md}  OUT/inprocess-<engine>/  OUT/fleet-<engine>-n<N>/
+    OUT/batch-<gpu>-<engine>.{json,md}  OUT/inprocess-<engine>/  OUT/fleet-<engine>[-serial_image]-n<N>/
     OUT/evalrate-openvla-<engine>-<clock>-n<N>/  OUT/study-<engine>.json (what ran, when, exit codes)
 
     python3 scripts/fleet_study.py --engine compiled+fp8 --checkpoint /tmp/ck7b --out OUT [--go FILE] ...
@@ -85,6 +86,7 @@ def main() -> int:
     p.add_argument("--inprocess-episodes", type=int, default=0)
     p.add_argument("--inprocess-steps", type=int, default=280)
     p.add_argument("--fleet-ns", default="1,4,8,16")
+    p.add_argument("--serial-image-ns", default="")
     p.add_argument("--fleet-steps", type=int, default=200)
     p.add_argument("--eval-ns", default="")
     p.add_argument("--eval-clocks", default="wall,virtual")
@@ -129,6 +131,7 @@ def main() -> int:
         if args.engine != a.engine:
             raise RuntimeError(f"the study built {a.engine}, not {args.engine}")
         policy.reset_guards()
+        policy.set_image_threads(args.image_threads)
         return policy
 
     command.build_policy = reused  # rtloop.commands.run's name: what run, the fleet and eval call
@@ -147,9 +150,11 @@ def main() -> int:
         if a.inprocess_episodes:
             runs.append(("inprocess", ["run", "--episodes", str(a.inprocess_episodes), "--max-steps", str(a.inprocess_steps),
                                        "--trace", str(a.out / f"inprocess-{name}" / "trace.jsonl")]))
-        for n in fleet_ns:
-            runs.append((f"fleet n{n}", ["run", "--envs", str(n), "--episodes", str(n), "--max-steps", str(a.fleet_steps),
-                                         "--trace", str(a.out / f"fleet-{name}-n{n}" / "trace.jsonl")]))
+        for n, variant in [(n, "") for n in fleet_ns] + [(n, "serial_image") for n in ids(a.serial_image_ns)]:
+            runs.append((f"fleet n{n} {variant}", [
+                "run", "--envs", str(n), "--episodes", str(n), "--max-steps", str(a.fleet_steps),
+                *(["--image-threads", "1"] if variant else []),
+                "--trace", str(a.out / f"fleet-{name}{'-' + variant if variant else ''}-n{n}" / "trace.jsonl")]))
         for clock in clocks:
             for n in eval_ns:
                 total = a.eval_total or max(n, 2)

@@ -77,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch intra-op threads (default on CPU, async: one core fewer than the machine has, so "
                         "the sim keeps a core; otherwise torch's default)")
+    p.add_argument("--image-threads", type=int, default=None,
+                   help="threads that prepare a fleet batch's LIBERO frames (default: one per frame of the largest "
+                        "batch, up to this machine's cores; 1: in series on the policy thread)")
     p.add_argument("--center-crop", action=argparse.BooleanOptionalAction, default=True,
                    help="90%% centre crop, on by default as in the official LIBERO eval (its checkpoints were "
                         "fine-tuned with random crops); --no-center-crop for models trained without")
@@ -151,6 +154,8 @@ def validate(args: argparse.Namespace) -> None:
         raise InputError(f"--max-steps must be >= 1 (got {args.max_steps})")
     if args.torch_threads is not None and args.torch_threads < 1:
         raise InputError(f"--torch-threads must be >= 1 (got {args.torch_threads})")
+    if args.image_threads is not None and args.image_threads < 1:
+        raise InputError(f"--image-threads must be >= 1 (got {args.image_threads})")
     from rtloop.runtime.latency import latency_model_from_args
 
     args._latency = latency_model_from_args(args.inject_delay, args.latency_profile, args.latency_scale, args.seed,

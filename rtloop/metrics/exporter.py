@@ -22,7 +22,7 @@ from prometheus_client.exposition import start_http_server
 
 from rtloop import errors
 from rtloop.errors import MetricsError
-from rtloop.policy.base import ALERT_KINDS, STAGES
+from rtloop.policy.base import ALERT_KINDS, STAGES, SUB_STAGES
 from rtloop.runtime.records import (ACTION_SOURCES, AlertRecord, EpisodeRecord, ErrorRecord, InferenceRecord,
                                     Record, RunRecord, TickRecord)
 
@@ -175,7 +175,7 @@ class PrometheusSink:
                 "action_age", "ticks", "overruns", "dropped", "inferences", "episodes", "successes",
             )}
         )
-        self._run["stage"] = {s: self._stage.labels(**labels, stage=s) for s in (*STAGES, *SIM_STAGES)}
+        self._run["stage"] = {s: self._stage.labels(**labels, stage=s) for s in (*STAGES, *SUB_STAGES, *SIM_STAGES)}
         self._run["actions"] = {s: self._actions.labels(**labels, source=s) for s in ACTION_SOURCES}
         envs = int(info.get("envs", 1))
         self._envs.labels(**labels).set(envs)
@@ -224,7 +224,7 @@ class PrometheusSink:
         if rec.batch_index == 0:  # one observation per policy call
             run["batch_size"].observe(rec.batch_size)
         for stage, seconds in rec.stages.items():
-            if stage in STAGES:
+            if stage in run["stage"]:
                 run["stage"][stage].observe(seconds)
 
     def _on_episode(self, rec: EpisodeRecord) -> None:

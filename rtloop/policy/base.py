@@ -12,6 +12,10 @@ from rtloop import clock
 from rtloop.sim.base import Observation
 
 STAGES = ("processor", "generate", "detokenize")
+# Timed inside a stage, so not summed with STAGES: the LIBERO eval's frame preparation (rotation, JPEG round
+# trip, Lanczos resize, centre crop), part of `processor` in `act` and `act_batch`.
+LIBERO_IMAGE = "libero_image"
+SUB_STAGES = (LIBERO_IMAGE,)
 
 # Every Alert.kind (bounded label values): the policy guards' (rtloop.policy.guards says why each exists), and
 # the runtime's stale_action (an action older than --max-action-age was due: the sim stopped the arm), and the

@@ -15,8 +15,9 @@ Two calls, two gripper conventions:
   resized, centre-cropped here), `PolicyOutput.action` out in LIBERO's convention, -1 = OPEN, +1 = close.
 
 Stages (rtloop.policy.base.STAGES), each a `timed_stage` so profilers see the same names:
-- processor: LIBERO image path (act only), prompt, tokens, pixel_values including host->device (graphed
-  engines take the uint8 image and do that inside their graph, so for them this is the prompt only)
+- processor: LIBERO image path (act and act_batch; also timed alone, as `libero_image`), prompt, tokens,
+  pixel_values including host->device (graphed engines take the uint8 image and do that inside their graph,
+  so for them this is the prompt only)
 - generate: the engine's vision towers, 1 prefill + 6 decode steps, synchronised on CUDA so the GPU time
   lands here; the frame and prompt checks run on the host meanwhile
 - detokenize: tokens to the host, bins -> action, validity checks and silent-failure detectors
@@ -24,7 +25,10 @@ Stages (rtloop.policy.base.STAGES), each a `timed_stage` so profilers see the sa
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +37,7 @@ from PIL import Image
 
 from rtloop.errors import ActionError, InputError
 from rtloop.policy.actions import ActionDetokenizer, libero_gripper, resolve_unnorm_key
-from rtloop.policy.base import Alert, PolicyOutput
+from rtloop.policy.base import LIBERO_IMAGE, Alert, PolicyOutput
 from rtloop.policy.cuda_wait import set_cuda_wait
 from rtloop.policy.guards import Guards
 from rtloop.policy.model import OpenVLA
@@ -74,6 +78,7 @@ class OpenVLAPolicy:
         cuda_wait: str = "blocking",
         max_batch: int = 1,
         kernel_options=None,
+        image_threads: int | None = None,
     ):
         """`suite` is the LIBERO suite being run (None: not LIBERO); it picks the default unnorm_key
         (`<suite>` or `<suite>_no_noops`). `center_crop` (default on, as the official LIBERO eval) applies to
@@ -82,7 +87,8 @@ class OpenVLAPolicy:
         directory then only supplies the tokenizer, and the config comes from the model. `cuda_wait`: how the
         host waits for the GPU, "blocking" (sleeps) or "spin" (rtloop.policy.cuda_wait). `max_batch`: the
         most frames `predict_action_batch` takes at once (a bucket: 1, 2, 4, 8, 16, 32); `kernel_options`:
-        the compiled engine's rtloop.policy.kernels.KernelOptions."""
+        the compiled engine's rtloop.policy.kernels.KernelOptions. `image_threads`: how many threads prepare a
+        batch's LIBERO frames (`set_image_threads`)."""
         from rtloop.policy.checkpoint import check_checkpoint_dir, load_checkpoint
         from rtloop.policy.config import OpenVLAConfig
         from rtloop.policy.engines import build_engine
@@ -114,6 +120,9 @@ class OpenVLAPolicy:
             self.model = model
         self.dtype = next(self.model.parameters()).dtype
         self.engine = build_engine(engine, self.model, max_batch=max_batch, kernel_options=kernel_options)
+        self._image_pool: ThreadPoolExecutor | None = None
+        self.image_threads = 1
+        self.set_image_threads(image_threads)
         self._sync = torch.cuda.synchronize if self.device.type == "cuda" else None
         self._prompt_ids: dict[tuple[str, torch.device], torch.Tensor] = {}  # prompts tokenized, where used
 
@@ -242,8 +251,7 @@ class OpenVLAPolicy:
         `env.step`; `raw_action` is predict_action's, the model's (+1 = open)."""
         frame = as_array(obs.image if isinstance(obs, Observation) else obs)
         timings: dict[str, float] = {}
-        with timed_stage("processor", timings):
-            image = prepare_libero_image(frame, center_crop=self.center_crop, rotate=self.rotate)
+        (image,) = self.prepare_frames([frame], timings)
         raw, timings = self.predict_action(image, instruction, timings=timings)
         return PolicyOutput(action=libero_gripper(raw), raw_action=raw, timings=timings, alerts=self.guards.drain())
 
@@ -254,12 +262,39 @@ class OpenVLAPolicy:
         output; each output's alerts are its stream's (`streams`, as for predict_action_batch)."""
         frames = [as_array(o.image if isinstance(o, Observation) else o) for o in observations]
         timings: dict[str, float] = {}
-        with timed_stage("processor", timings):
-            images = [prepare_libero_image(f, center_crop=self.center_crop, rotate=self.rotate) for f in frames]
+        images = self.prepare_frames(frames, timings)
         raws, timings = self.predict_action_batch(images, instructions, timings=timings, streams=streams)
         streams = list(range(len(raws))) if streams is None else streams
         return [PolicyOutput(action=libero_gripper(raw), raw_action=raw, timings=dict(timings),
                              alerts=self.drain_alerts(stream)) for raw, stream in zip(raws, streams)]
+
+    def prepare_frames(self, frames: list[np.ndarray], timings: dict[str, float],
+                       rotate: list[bool] | None = None) -> list[np.ndarray]:
+        """Raw LIBERO frames -> the model's 224x224 images (prepare_libero_image), on the image threads when
+        there are several frames; timed as `libero_image`, inside `processor`. `rotate`: per frame, whether it
+        still needs the 180° rotation (default: the policy's `rotate` for every frame)."""
+        rotate = [self.rotate] * len(frames) if rotate is None else rotate
+        prepare = functools.partial(prepare_libero_image, center_crop=self.center_crop)
+        with timed_stage("processor", timings), timed_stage(LIBERO_IMAGE, timings):
+            if self._image_pool is None or len(frames) == 1:
+                return [prepare(f, rotate=r) for f, r in zip(frames, rotate)]
+            return list(self._image_pool.map(lambda f, r: prepare(f, rotate=r), frames, rotate))
+
+    def set_image_threads(self, threads: int | None) -> None:
+        """How many threads prepare a batch's frames (None: one per frame of the largest batch, up to this
+        machine's cores; 1: the policy thread alone). Threads, not processes: PIL's JPEG codec and resize
+        and numpy's arithmetic release the GIL. In series, a batch's frames were the fleet's largest host
+        cost (README, "Fleet capacity")."""
+        if threads is None:
+            threads = min(self.engine.max_batch, os.cpu_count() or 1)
+        if threads < 1:
+            raise InputError(f"image threads must be >= 1 (got {threads})")
+        if threads == self.image_threads:
+            return
+        if self._image_pool is not None:
+            self._image_pool.shutdown()
+        self.image_threads = threads
+        self._image_pool = ThreadPoolExecutor(threads, thread_name_prefix="rtloop-image") if threads > 1 else None
 
     def warmup(self, obs: Observation | np.ndarray, instruction: str) -> None:
         """Two full passes: the first allocates (KV cache, kernels), the second runs what steady state runs
@@ -275,4 +310,4 @@ class OpenVLAPolicy:
         self._stream_guards: dict[int, Guards] = {0: self.guards}  # per stream of frames (an env of a fleet)
 
     def close(self) -> None:
-        pass
+        self.set_image_threads(1)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rtloop.policy.base import STAGES
+from rtloop.policy.base import STAGES, SUB_STAGES
 
 # The calls a worker thread makes during the loop itself; anything else it runs (env creation, reset,
 # warm-up, close) is setup, shown apart so it does not inflate the loop's shares.
@@ -61,7 +61,8 @@ def stage_shares(records: list[dict]) -> dict:
     sim = {"physics": physics, "render": render, "step other": step - physics - render, "idle": wall - step}
 
     stages = {s: sum(r["stages"].get(s, 0.0) for r in infs) for s in STAGES}
-    extra = {k: sum(r["stages"][k] for r in infs) for k in sorted({k for r in infs for k in r["stages"]} - set(STAGES))}
+    named = {k for r in infs for k in r["stages"]} - set(STAGES) - set(SUB_STAGES)  # a sub-stage is in its stage
+    extra = {k: sum(r["stages"][k] for r in infs) for k in sorted(named)}
     busy = sum(r["t_end"] - r["t_start"] for r in infs)
     wait = sum(r["queue_wait_s"] for r in infs)
     inference = {"queue wait": wait, **stages, **extra, "hand-off": busy - sum(stages.values()) - sum(extra.values())}

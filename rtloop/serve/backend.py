@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from rtloop.policy.actions import libero_gripper
 from rtloop.policy.openvla import OpenVLAPolicy
-from rtloop.policy.processor import prepare_libero_image
-from rtloop.profiling.ranges import timed_stage
 from rtloop.serve.protocol import Request
 from rtloop.serve.server import Result
 
@@ -42,9 +40,8 @@ class OpenVLABackend:
         call's, in every result."""
         policy = self.policy
         stages: dict[str, float] = {}
-        with timed_stage("processor", stages):
-            images = [prepare_libero_image(r.image, center_crop=policy.center_crop,
-                                           rotate=r.form == "rtloop" and policy.rotate) for r in requests]
+        images = policy.prepare_frames([r.image for r in requests], stages,
+                                       rotate=[r.form == "rtloop" and policy.rotate for r in requests])
         raws, stages = policy.predict_action_batch(images, [r.instruction for r in requests],
                                                    requests[0].unnorm_key, stages, streams)
         shared = policy.drain_alerts(0)  # the configuration's: every request of this call used it

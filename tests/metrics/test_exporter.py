@@ -32,7 +32,7 @@ def tick(step: int, source: str = "fresh", dropped: int = 0, overrun: float = 0.
 def inference(seq: int) -> InferenceRecord:
     return InferenceRecord(
         episode=0, seq=seq, frame_seq=seq, frame_time=9.9, t_start=10.0, t_end=10.03, queue_wait_s=0.001,
-        frame_age_s=0.1, stages={"processor": 0.002, "generate": 0.027, "detokenize": 0.0001},
+        frame_age_s=0.1, stages={"processor": 0.002, "libero_image": 0.0015, "generate": 0.027, "detokenize": 0.0001},
     )
 
 
@@ -77,6 +77,7 @@ def test_records_become_metrics():
     assert value(sink, "rtloop_stage_duration_seconds_count", stage="generate") == 2
     assert value(sink, "rtloop_stage_duration_seconds_sum", stage="generate") == pytest.approx(0.054)
     assert value(sink, "rtloop_stage_duration_seconds_count", stage="render") == 5
+    assert value(sink, "rtloop_stage_duration_seconds_sum", stage="libero_image") == pytest.approx(0.003)
     assert value(sink, "rtloop_stage_duration_seconds_bucket", stage="render", le="0.04") == 5
     assert value(sink, "rtloop_stage_duration_seconds_bucket", stage="render", le="0.03") == 0
     assert value(sink, "rtloop_frame_age_seconds_count") == 2

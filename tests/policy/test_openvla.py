@@ -1,13 +1,14 @@
 import json
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from rtloop.errors import ActionError, InputError, UnnormKeyError
-from rtloop.policy.base import STAGES, PolicyOutput
+from rtloop.policy.base import LIBERO_IMAGE, STAGES, PolicyOutput
 from rtloop.policy.openvla import OpenVLAPolicy
 from rtloop.policy.processor import prepare_libero_image
 
@@ -47,7 +48,7 @@ def test_act_maps_gripper_for_libero(policy):
     assert isinstance(out, PolicyOutput)
     assert np.array_equal(out.action[:6], out.raw_action[:6])
     assert out.action[-1] == -np.sign(2 * out.raw_action[-1] - 1)
-    assert set(out.timings) == set(STAGES) and all(t > 0 for t in out.timings.values())
+    assert set(out.timings) == {*STAGES, LIBERO_IMAGE} and all(t > 0 for t in out.timings.values())
 
 
 def test_label_and_default_key(policy, tiny_checkpoint):
@@ -169,7 +170,8 @@ def test_act_batch_gives_each_frame_its_own_action(tiny_checkpoint):
     for out, f, instruction in zip(outs, frames, instructions):
         alone = batched.act(f, instruction)
         assert np.array_equal(out.action, alone.action) and np.array_equal(out.raw_action, alone.raw_action)
-        assert set(out.timings) == set(STAGES)
+        assert set(out.timings) == {*STAGES, LIBERO_IMAGE}
+        assert 0 < out.timings[LIBERO_IMAGE] < out.timings["processor"]
     assert len({tuple(o.raw_action) for o in outs}) > 1
     assert set(batched._stream_guards) == {0, 1, 2}
     actions, _ = batched.predict_action_batch([prepare_libero_image(f) for f in frames[:2]], instructions[:2],
@@ -178,6 +180,32 @@ def test_act_batch_gives_each_frame_its_own_action(tiny_checkpoint):
     for stream in (7, 0):  # a finished stream's history goes; stream 0 (the configuration's) stays
         batched.end_stream(stream)
     assert set(batched._stream_guards) == {0, 1, 2}
+
+
+def image_threads_alive() -> int:
+    return sum(t.name.startswith("rtloop-image") for t in threading.enumerate())
+
+
+def test_a_batch_of_frames_is_prepared_on_threads_as_in_series(tiny_checkpoint):
+    """The image threads give each frame what prepare_libero_image gives it, in order, with its own rotation;
+    close() ends them."""
+    batched = OpenVLAPolicy(tiny_checkpoint, max_batch=4, image_threads=3)
+    frames, rotate = [frame(20 + i) for i in range(4)], [True, False, True, False]
+    timings: dict[str, float] = {}
+    images = batched.prepare_frames(frames, timings, rotate=rotate)
+    assert image_threads_alive() >= 1 and set(timings) == {"processor", LIBERO_IMAGE}
+    for image, f, r in zip(images, frames, rotate):
+        assert np.array_equal(image, prepare_libero_image(f, rotate=r))
+    batched.set_image_threads(1)
+    assert image_threads_alive() == 0
+    assert all(np.array_equal(a, b) for a, b in zip(batched.prepare_frames(frames, {}, rotate=rotate), images))
+    with pytest.raises(InputError, match="image threads must be >= 1"):
+        batched.set_image_threads(0)
+    batched.set_image_threads(None)  # one per frame of the largest batch, up to the cores
+    assert batched.image_threads == min(4, os.cpu_count())
+    batched.prepare_frames(frames, {})
+    batched.close()
+    assert image_threads_alive() == 0
 
 
 def test_act_batch_bad_input_is_one_line(policy):

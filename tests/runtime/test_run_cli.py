@@ -198,6 +198,7 @@ BAD_INPUT = [
     (["--inject-delay", "-1"], "--inject-delay must be a finite number of seconds >= 0"),
     (["--latency-profile", "/nonexistent/h200.json"], "latency profile /nonexistent/h200.json: cannot read it"),
     (["--kernel-arch", "sm89", "--device", "cpu"], "kernel architecture sm89 cannot be forced on a CPU"),
+    (["--image-threads", "0"], "--image-threads must be >= 1"),
 ]
 
 
