@@ -262,7 +262,7 @@ def agreement(tokens, logits, base_tokens, base_logits) -> dict:
 
 def parse_batches(text: str | None) -> list[int]:
     """--batch 1,2,4 -> [1, 2, 4]: distinct sizes of 1..32 frames, in the order given."""
-    from rtloop.policy.engines import BATCH_BUCKETS
+    from rtloop.policy.buckets import BATCH_BUCKETS
 
     if text is None:
         return []
@@ -281,7 +281,8 @@ def check_batches_fit(model_config, dtype, batches: list[int], device: str) -> N
     import torch
 
     from rtloop.policy.checkpoint import count_parameters
-    from rtloop.policy.engines import batch_bucket, check_batch_fits, engine_seq_len
+    from rtloop.policy.buckets import batch_bucket
+    from rtloop.policy.engines import check_batch_fits, engine_seq_len
     from rtloop.policy.model import OpenVLA
 
     with torch.device("meta"):
@@ -312,7 +313,8 @@ def run_batches(policy, name: str, frames: list[Frame], check_frames: list[Frame
     bucket plus --warmup; the LLM prefill timed alone; frame b's tokens in batches against batch 1's."""
     import torch
 
-    from rtloop.policy.engines import PROMPT_BUCKET, batch_bucket, build_engine
+    from rtloop.policy.buckets import batch_bucket
+    from rtloop.policy.engines import PROMPT_BUCKET, build_engine
     from rtloop.policy.processor import build_prompt, prepare_libero_image, tokenize_prompt
 
     engine = policy.engine

@@ -96,7 +96,7 @@ def main() -> int:
     a = p.parse_args()
 
     from rtloop.commands import run as command
-    from rtloop.policy.engines import batch_bucket
+    from rtloop.policy.buckets import batch_bucket
 
     batches, fleet_ns, eval_ns = ids(a.batches), ids(a.fleet_ns), ids(a.eval_ns)
     clocks = [c for c in a.eval_clocks.split(",") if c]

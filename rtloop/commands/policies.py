@@ -140,14 +140,14 @@ def build_policy(args: argparse.Namespace, checkpoint: Path | None, device: str)
     else:
         import torch
 
-        from rtloop.policy.engines import BATCH_BUCKETS, batch_bucket
+        from rtloop.policy.buckets import MAX_BATCH, batch_bucket
         from rtloop.policy.kernel_options import kernel_options_from_args
         from rtloop.policy.openvla import OpenVLAPolicy
 
         if args.torch_threads is not None:
             torch.set_num_threads(args.torch_threads)
         # a fleet hands act_batch the newest frame of each env: up to one per env, at most the largest bucket
-        max_batch = batch_bucket(min(args.envs or 1, BATCH_BUCKETS[-1]))
+        max_batch = batch_bucket(min(args.envs or 1, MAX_BATCH))
         policy = OpenVLAPolicy(checkpoint, unnorm_key=args.unnorm_key, suite=args.suite, device=device,
                                engine=args.engine, center_crop=args.center_crop, cuda_wait=args.cuda_wait,
                                max_batch=max_batch, kernel_options=kernel_options_from_args(args),

@@ -31,6 +31,7 @@ import anyio
 from rtloop import clock
 from rtloop.errors import InputError, RtloopError, WorkerError
 from rtloop.policy.base import Policy, PolicyOutput
+from rtloop.policy.buckets import BATCH_BUCKETS, MAX_BATCH, batch_bucket
 from rtloop.runtime.loop import one_line
 from rtloop.runtime.records import AlertRecord, EpisodeRecord, ErrorRecord, Fanout, InferenceRecord, TickRecord
 from rtloop.runtime.worker import WorkerThread
@@ -38,8 +39,6 @@ from rtloop.sim.base import Observation
 
 log = logging.getLogger(__name__)
 
-BUCKETS = (1, 2, 4, 8, 16, 32)  # the batched engines' CUDA-graph batch sizes
-MAX_BATCH = BUCKETS[-1]
 STALL_S = 60.0  # an env worker silent this long in an episode is taken for dead (LIBERO ticks every 50 ms)
 
 
@@ -115,8 +114,8 @@ def warm_batches(policy: Policy, obs: Observation, instruction: str, envs: int) 
     Their streams are negative, no env's; their alerts are the warm-up frame's, which `warmup` keeps."""
     if getattr(policy, "act_batch", None) is None:  # frame by frame: nothing per batch size to build
         return
-    largest = next(b for b in BUCKETS if b >= min(envs, MAX_BATCH))
-    for size in (b for b in BUCKETS if 1 < b <= largest):
+    largest = batch_bucket(min(envs, MAX_BATCH))
+    for size in (b for b in BATCH_BUCKETS if 1 < b <= largest):
         policy.act_batch([obs] * size, [instruction] * size, streams=[-1 - i for i in range(size)])
 
 

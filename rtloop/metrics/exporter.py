@@ -23,6 +23,7 @@ from prometheus_client.exposition import start_http_server
 from rtloop import errors
 from rtloop.errors import MetricsError
 from rtloop.policy.base import ALERT_KINDS, STAGES, SUB_STAGES
+from rtloop.policy.buckets import BATCH_BUCKETS
 from rtloop.runtime.records import (ACTION_SOURCES, AlertRecord, EpisodeRecord, ErrorRecord, InferenceRecord,
                                     Record, RunRecord, TickRecord)
 
@@ -34,7 +35,6 @@ LATENCY_BUCKETS = (
 )
 
 # A fleet's policy call takes 1..32 frames; the batched engines have CUDA graphs for these sizes.
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 SIM_STAGES = ("step", "render", "physics")
 RUN_LABELS = ("suite", "task", "engine")

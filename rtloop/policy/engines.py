@@ -44,12 +44,12 @@ import numpy as np
 import torch
 
 from rtloop.errors import InputError
+from rtloop.policy.buckets import BATCH_BUCKETS, batch_bucket
 from rtloop.policy.model import Stages, argmax_step, generate
 from rtloop.policy.ops import TORCH_OPS, kernel_ops
 
 PROMPT_BUCKET = 16  # graphed engines pad the prompt to a multiple of this many tokens
 MAX_PROMPT_TOKENS = 96  # LIBERO prompts are 20-40 tokens; the static cache is sized for this many
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)  # graphed engines capture one graph per bucket (and prompt bucket)
 
 
 class Engine(Protocol):
@@ -96,10 +96,6 @@ def check_batch(engine, batch: int) -> None:
 def check_max_batch(max_batch: int) -> None:
     if max_batch not in BATCH_BUCKETS:
         raise InputError(f"batch size {max_batch} is not a bucket; choose one of {', '.join(map(str, BATCH_BUCKETS))}")
-
-
-def batch_bucket(batch: int) -> int:
-    return next(b for b in BATCH_BUCKETS if b >= batch)
 
 
 def pad_prompts(prompts: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, list[int]]:

@@ -75,7 +75,8 @@ def validate(args: argparse.Namespace) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be 0..65535 (got {value})")
     if args.max_message_bytes < 1024:
         raise InputError(f"--max-message-bytes must be >= 1024 (got {args.max_message_bytes})")
-    from rtloop.policy.engines import BATCH_BUCKETS, check_engine_device
+    from rtloop.policy.buckets import BATCH_BUCKETS
+    from rtloop.policy.engines import check_engine_device
     from rtloop.commands.device import resolve_device
 
     if args.max_batch not in BATCH_BUCKETS:

@@ -41,6 +41,7 @@ from websockets.exceptions import ConnectionClosed
 from rtloop import clock
 from rtloop.errors import InputError, UnnormKeyError
 from rtloop.metrics.exporter import LATENCY_BUCKETS
+from rtloop.policy.buckets import BATCH_BUCKETS, MAX_BATCH
 from rtloop.runtime.worker import WorkerThread
 from rtloop.serve.protocol import DEFAULT_MAX_MESSAGE_BYTES, ERROR_KINDS, ProtocolError, Request, pack, parse_request, unpack
 
@@ -49,7 +50,6 @@ log = logging.getLogger("rtloop.serve")
 # request: message received -> reply sent; decode: msgpack + validation; queue: waiting for the worker;
 # infer: the backend's whole call (processor + generate + detokenize for OpenVLA); encode: reply pack + send
 SERVER_STAGES = ("request", "decode", "queue", "infer", "processor", "generate", "detokenize", "encode")
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # Messages up to the limit are read and refused with a text frame; websockets itself drops a connection
 # whose frame announces more than this many times the limit, before reading it (close code 1009).
 HARD_LIMIT_FACTOR = 2
@@ -91,7 +91,7 @@ class ServerMetrics:
                            ["engine", "form"], registry=r)
         self.requests = {form: requests.labels(**e, form=form) for form in ("openpi", "rtloop")}
         self.batch_size = Histogram("rtloop_server_batch_size", "Requests per act_batch call", ["engine"],
-                                    registry=r, buckets=BATCH_BUCKETS).labels(**e)
+                                    registry=r, buckets=(*BATCH_BUCKETS, 2 * MAX_BATCH)).labels(**e)
         stage = Histogram("rtloop_server_stage_duration_seconds", "Server-side time per stage of a request",
                           ["engine", "stage"], registry=r, buckets=LATENCY_BUCKETS)
         self.stage = {s: stage.labels(**e, stage=s) for s in SERVER_STAGES}
