@@ -90,7 +90,7 @@ class PolicyFactory:
 
     def __init__(self, args: argparse.Namespace, device: str, dtype):
         self.args, self.device, self.dtype = args, device, dtype
-        self.tmp = tempfile.TemporaryDirectory(prefix="rtloop-bench-")
+        self.tmp: tempfile.TemporaryDirectory | None = None  # made by the first build that needs it
 
     @property
     def label(self) -> str:
@@ -104,6 +104,8 @@ class PolicyFactory:
         args = self.args
         if args.checkpoint is not None:
             return OpenVLAPolicy(args.checkpoint, device=self.device, dtype=self.dtype)
+        if self.tmp is None:
+            self.tmp = tempfile.TemporaryDirectory(prefix="rtloop-bench-")
         path = Path(self.tmp.name) / args.size
         if args.size == "tiny":  # the real on-disk path: a generated checkpoint, loaded
             if not path.exists():

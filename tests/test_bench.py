@@ -132,9 +132,11 @@ def test_prefill_flops_of_7b_are_about_two_per_weight_per_position():
     assert prefill_flops(config, 8, 288) == 8 * flops
 
 
-def test_bench_times_a_policy_it_is_given_and_leaves_its_engine(tmp_path, tiny_checkpoint):
-    """scripts/fleet_study.py's path: bench on a policy already built (its buckets captured), not a new one;
-    an engine other than the policy's is refused in one line."""
+def test_bench_times_a_policy_it_is_given_and_leaves_its_engine(tmp_path, tiny_checkpoint, monkeypatch):
+    """scripts/fleet_study.py's path: bench on a policy already built (its buckets captured), not a new one,
+    and no checkpoint directory made for one; an engine other than the policy's is refused in one line."""
+    import tempfile
+
     from rtloop import bench
     from rtloop.cli import build_parser
     from rtloop.errors import InputError
@@ -144,7 +146,10 @@ def test_bench_times_a_policy_it_is_given_and_leaves_its_engine(tmp_path, tiny_c
     engine = policy.engine
     argv = ["bench", "--size", "tiny", "--device", "cpu", "--engines", "eager", "--batch", "1,2", "--iters", "1",
             "--warmup", "0", "--agreement-frames", "2", "--out", str(tmp_path / "given")]
+    made = []
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", lambda **kw: made.append(kw) or tmp_path)
     assert bench.main(build_parser("bench").parse_args(argv), policy=policy) == 0
+    assert made == []
     assert policy.engine is engine
     assert list(json.loads((tmp_path / "given.json").read_text())["engines"]["eager"]["batches"]) == ["1", "2"]
     wrong = build_parser("bench").parse_args([*argv[:6], "reference", *argv[7:]])
