@@ -86,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no live view (the summary is still printed)")
     p.add_argument("--envs", type=int, default=None,
                    help="a fleet: N envs, each in its own worker ticking on its own clock, one inference task "
-                        "batching their newest frames (docs-fleet.md)")
+                        "batching their newest frames (README: A fleet)")
     p.add_argument("--backend", choices=("local", "ray"), default="local",
                    help="fleet workers as local processes (default), or Ray actors (the policy a Ray actor too)")
     p.add_argument("--address", default=None,

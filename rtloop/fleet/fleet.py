@@ -11,6 +11,9 @@ for an env: an env that is slow only has no frame in the batch, and a message to
 full is not sent (the action is stale by then anyway). An inference that ends after its episode did is
 dropped unrecorded, as a single env's runtime cancels the one in flight.
 
+A policy that splits its call into a host preparation and the rest (`prepares_ahead`: OpenVLA's LIBERO
+frame preparation) has the next batch taken and prepared on a thread of the fleet's while it runs this one.
+
 With --sync or on the virtual clock (`waits`) each env waits for its action, so its frames come one at a
 time; the env's own runtime records each inference, on its own clock, from what the action message
 carries (the batch's stage times, wall time and size).
@@ -77,7 +80,7 @@ class EnvSlot:
     first: tuple[int, int] | None = None  # the (task, episode) its worker was prepared for
     episode: int | None = None  # in flight
     pending: PendingFrame | None = None  # the newest unread frame
-    in_batch: bool = False  # a frame of it is in the policy call running now
+    in_batch: int = 0  # frames of it in the policy call running now or in the next one, prepared ahead
     dropped: int = 0  # frames of this episode overwritten here unread
     steps: int = 0  # ticks of this episode so far
 
@@ -85,6 +88,19 @@ class EnvSlot:
         if self.pending is not None:
             self.dropped += 1
         self.pending = frame
+
+
+@dataclass
+class Batch:
+    """The frames of one policy call, loaded, with their envs. `prepared`: the policy's `prepare_batch` of
+    them, when it was run ahead on the fleet's preparation thread; `error`: what that raised."""
+
+    items: list[tuple[EnvSlot, PendingFrame, Observation]]
+    t_wait: float  # when the inference task began to wait for these frames
+    t_start: float  # when they were taken
+    prepared: object = None
+    error: Exception | None = None
+    prepare_s: float = 0.0
 
 
 def take_batch(slots: list[EnvSlot], cap: int) -> list[tuple[EnvSlot, PendingFrame]]:
@@ -95,6 +111,12 @@ def take_batch(slots: list[EnvSlot], cap: int) -> list[tuple[EnvSlot, PendingFra
     for s in waiting:
         s.pending = None
     return batch
+
+
+def prepares_ahead(policy: Policy) -> bool:
+    """A policy that splits its call: `prepare_batch(observations)` (host work on the frames, safe on another
+    thread while the policy runs) and `act_prepared(prepared, instructions, streams)`."""
+    return callable(getattr(policy, "prepare_batch", None)) and callable(getattr(policy, "act_prepared", None))
 
 
 def run_batch(policy: Policy, observations: list[Observation], instructions: list[str],
@@ -132,6 +154,7 @@ class Fleet:
         self.max_batch = max_batch
         self.stall_s = stall_s
         self.inference_seq = 0
+        self._preparation: WorkerThread | None = None  # the frames of the next batch, prepared ahead
         self.todo: list[tuple[int, int]] = []
         self.episodes: list[EpisodeRecord] = []
         self._new_frame = anyio.Event()
@@ -173,14 +196,19 @@ class Fleet:
 
     async def run(self) -> list[EpisodeRecord]:
         """Every assignment of prepare(), each on the next free env. Returns the episode records."""
-        async with anyio.create_task_group() as tg:
-            for policy, thread in self.policies:
-                tg.start_soon(self._inference_task, policy, thread)
-            async with anyio.create_task_group() as envs:
-                for slot in self.slots:
-                    if slot.first is not None:
-                        envs.start_soon(self._env_task, slot)
-            tg.cancel_scope.cancel()  # every env is done: stop the inference tasks
+        try:
+            async with anyio.create_task_group() as tg:
+                for policy, thread in self.policies:
+                    tg.start_soon(self._inference_task, policy, thread)
+                async with anyio.create_task_group() as envs:
+                    for slot in self.slots:
+                        if slot.first is not None:
+                            envs.start_soon(self._env_task, slot)
+                tg.cancel_scope.cancel()  # every env is done: stop the inference tasks
+        finally:
+            if self._preparation is not None:
+                self._preparation.close()
+                self._preparation = None
         return self.episodes
 
     async def _env_task(self, slot: EnvSlot) -> None:
@@ -261,52 +289,108 @@ class Fleet:
         slot.link = None
 
     async def _inference_task(self, policy: Policy, thread: WorkerThread) -> None:
+        """One policy call at a time. With a policy that prepares ahead (`prepares_ahead`), on the wall clock
+        with envs that do not wait, the next batch's frames are taken and prepared while the policy runs this
+        one, from the moment the last call's time less the last preparation's: so the preparation ends about
+        when the call does, and the frames are as new as if they were taken after it. The call's time, not
+        the host's preparation plus it, then paces the fleet. Envs that wait send a frame only after their
+        action, so for them nothing is taken ahead."""
+        ahead = not self.waits and prepares_ahead(policy)
+        if ahead and self._preparation is None:
+            self._preparation = WorkerThread("rtloop-prepare")
+        call_s: float | None = None
+        next_batch: list[Batch] = []
         while True:
-            t_wait = clock.now()
-            while not (batch := take_batch(self.slots, self.max_batch)):
-                await self._new_frame.wait()
-            items = []
-            for slot, frame in batch:
-                obs = frame.load()
-                if obs is None:  # overwritten in the worker's ring before it could be copied
-                    slot.dropped += 1
+            batch = next_batch.pop() if next_batch else await self._wait_for_batch(policy if ahead else None)
+            if batch is None:
+                continue
+            t_call = clock.now()
+            async with anyio.create_task_group() as tg:
+                if ahead and call_s is not None:
+                    tg.start_soon(self._take_ahead, policy, t_call + max(0.0, call_s - batch.prepare_s), next_batch)
+                try:
+                    outs = await thread.run(self._call, policy, batch) if batch.error is None else batch.error
+                except Exception as exc:  # every env of the batch ends its episode on it, as one env would
+                    outs = exc
+                t_end = clock.now()
+                call_s = t_end - t_call
+                for slot, _, _ in batch.items:
+                    slot.in_batch -= 1
+                if isinstance(outs, Exception):
+                    self._abort(batch, outs)
                 else:
-                    items.append((slot, frame, obs))
-            if not items:
+                    self._deliver(batch, outs, t_end)
+                tg.cancel_scope.cancel()  # a preparation not begun is not needed; one begun finishes
+
+    async def _wait_for_batch(self, preparing: Policy | None) -> Batch | None:
+        t_wait = clock.now()
+        while not (taken := take_batch(self.slots, self.max_batch)):
+            await self._new_frame.wait()
+        batch = self._load(taken, t_wait)
+        if batch is not None and preparing is not None:
+            await self._prepare(preparing, batch)
+        return batch
+
+    async def _take_ahead(self, policy: Policy, at: float, out: list[Batch]) -> None:
+        await anyio.sleep(max(0.0, at - clock.now()))
+        with anyio.CancelScope(shield=True):  # frames taken are prepared and go into the next call
+            taken = take_batch(self.slots, self.max_batch)
+            batch = self._load(taken, clock.now()) if taken else None
+            if batch is not None:
+                await self._prepare(policy, batch)
+                out.append(batch)
+
+    def _load(self, taken: list[tuple[EnvSlot, PendingFrame]], t_wait: float) -> Batch | None:
+        items = []
+        for slot, frame in taken:
+            obs = frame.load()
+            if obs is None:  # overwritten in the worker's ring before it could be copied
+                slot.dropped += 1
+            else:
+                items.append((slot, frame, obs))
+                slot.in_batch += 1
+        return Batch(items, t_wait, clock.now()) if items else None
+
+    async def _prepare(self, policy: Policy, batch: Batch) -> None:
+        t0 = clock.now()
+        try:
+            batch.prepared = await self._preparation.run(policy.prepare_batch, [obs for _, _, obs in batch.items])
+        except Exception as exc:
+            batch.error = exc
+        batch.prepare_s = clock.now() - t0
+
+    @staticmethod
+    def _call(policy: Policy, batch: Batch) -> list[PolicyOutput]:
+        instructions = [slot.info["instruction"] for slot, _, _ in batch.items]
+        streams = [slot.index for slot, _, _ in batch.items]
+        if batch.prepared is not None:
+            return list(policy.act_prepared(batch.prepared, instructions, streams))
+        return run_batch(policy, [obs for _, _, obs in batch.items], instructions, streams)
+
+    def _abort(self, batch: Batch, exc: Exception) -> None:
+        kind, message = one_line(exc) if isinstance(exc, RtloopError) else ("policy", f"{type(exc).__name__}: {exc}")
+        for slot, frame, _ in batch.items:
+            if slot.link is not None and slot.episode == frame.episode:
+                slot.link.abort(frame.episode, kind, message)
+
+    def _deliver(self, batch: Batch, outs: list[PolicyOutput], t_end: float) -> None:
+        items, t_start = batch.items, batch.t_start
+        for i, ((slot, frame, _), out) in enumerate(zip(items, outs)):
+            current = slot.link is not None and slot.episode == frame.episode
+            for alert in out.alerts:  # a guard alerts once per env: kept, unattributed if the episode is over
+                self.sinks.on_record(AlertRecord(alert.kind, alert.message, t_end,
+                                                 frame.episode if current else None, env=slot.index))
+            if not current:
                 continue
-            t_start = clock.now()
-            for slot, _, _ in items:
-                slot.in_batch = True
-            try:
-                outs = await thread.run(run_batch, policy, [obs for _, _, obs in items],
-                                        [slot.info["instruction"] for slot, _, _ in items],
-                                        [slot.index for slot, _, _ in items])
-            except Exception as exc:  # every env of the batch ends its episode on it, as one env would
-                kind, message = one_line(exc) if isinstance(exc, RtloopError) else ("policy", f"{type(exc).__name__}: {exc}")
-                for slot, frame, _ in items:
-                    if slot.link is not None and slot.episode == frame.episode:
-                        slot.link.abort(frame.episode, kind, message)
-                continue
-            finally:
-                for slot, _, _ in items:
-                    slot.in_batch = False
-            t_end = clock.now()
-            for i, ((slot, frame, _), out) in enumerate(zip(items, outs)):
-                current = slot.link is not None and slot.episode == frame.episode
-                for alert in out.alerts:  # a guard alerts once per env: kept, unattributed if the episode is over
-                    self.sinks.on_record(AlertRecord(alert.kind, alert.message, t_end,
-                                                     frame.episode if current else None, env=slot.index))
-                if not current:
-                    continue
-                self.inference_seq += 1
-                action = [float(x) for x in out.action]
-                stages = {k: float(v) for k, v in out.timings.items()}
-                slot.link.send_action(frame.episode, self.inference_seq, action, frame.captured_at, slot.dropped,
-                                      [float(x) for x in out.raw_action], stages, t_end - t_start, len(items), i)
-                if not self.waits:
-                    self.sinks.on_record(InferenceRecord(
-                        episode=frame.episode, seq=self.inference_seq, frame_seq=frame.seq,
-                        frame_time=frame.captured_at, t_start=t_start, t_end=t_end, queue_wait_s=t_start - t_wait,
-                        frame_age_s=t_start - frame.captured_at, stages=stages, action=action, env=slot.index,
-                        batch_size=len(items), batch_index=i,
-                    ))
+            self.inference_seq += 1
+            action = [float(x) for x in out.action]
+            stages = {k: float(v) for k, v in out.timings.items()}
+            slot.link.send_action(frame.episode, self.inference_seq, action, frame.captured_at, slot.dropped,
+                                  [float(x) for x in out.raw_action], stages, t_end - t_start, len(items), i)
+            if not self.waits:
+                self.sinks.on_record(InferenceRecord(
+                    episode=frame.episode, seq=self.inference_seq, frame_seq=frame.seq,
+                    frame_time=frame.captured_at, t_start=t_start, t_end=t_end, queue_wait_s=t_start - batch.t_wait,
+                    frame_age_s=t_start - frame.captured_at, stages=stages, action=action, env=slot.index,
+                    batch_size=len(items), batch_index=i,
+                ))

@@ -260,10 +260,21 @@ class OpenVLAPolicy:
         """Raw LIBERO frames (or Observations holding them), one instruction each -> one LIBERO-ready
         PolicyOutput per frame (as `act`), from one batched call. The timings are the batch's, in every
         output; each output's alerts are its stream's (`streams`, as for predict_action_batch)."""
+        return self.act_prepared(self.prepare_batch(observations), instructions, streams)
+
+    def prepare_batch(self, observations: list) -> tuple[list[np.ndarray], dict[str, float]]:
+        """act_batch's host half: the raw frames prepared (prepare_frames), with the time it took. Touches
+        nothing the model uses, so it may run on another thread while the policy runs (the fleet prepares
+        the next batch so)."""
         frames = [as_array(o.image if isinstance(o, Observation) else o) for o in observations]
         timings: dict[str, float] = {}
-        images = self.prepare_frames(frames, timings)
-        raws, timings = self.predict_action_batch(images, instructions, timings=timings, streams=streams)
+        return self.prepare_frames(frames, timings), timings
+
+    def act_prepared(self, prepared: tuple[list[np.ndarray], dict[str, float]], instructions: list[str],
+                     streams: list[int] | None = None) -> list[PolicyOutput]:
+        """act_batch's second half, on what prepare_batch returned."""
+        images, timings = prepared
+        raws, timings = self.predict_action_batch(images, instructions, timings=dict(timings), streams=streams)
         streams = list(range(len(raws))) if streams is None else streams
         return [PolicyOutput(action=libero_gripper(raw), raw_action=raw, timings=dict(timings),
                              alerts=self.drain_alerts(stream)) for raw, stream in zip(raws, streams)]

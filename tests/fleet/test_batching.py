@@ -3,13 +3,15 @@ act_batch is served, and that a dead worker ends only its own episode."""
 
 from __future__ import annotations
 
+import time
 from functools import partial
 
 import anyio
 import numpy as np
 import pytest
 
-from rtloop.errors import WorkerError
+from rtloop import clock
+from rtloop.errors import InputError, WorkerError
 from rtloop.fleet.fleet import EnvSlot, Fleet, PendingFrame, run_batch, take_batch
 from rtloop.policy.base import PolicyOutput
 from rtloop.runtime.records import Fanout
@@ -259,3 +261,81 @@ def test_an_env_keeps_its_task_while_the_task_has_episodes_left():
     run_fleet(policy, 2, [(0, 0), (1, 0), (1, 1), (0, 1)])
     tasks = {env: {task for e, task, _, stream in policy.frames if e == env and stream >= 0} for env in (0, 1)}
     assert tasks == {0: {0}, 1: {1}}
+
+
+class PacedLink(FakeLink):
+    """A worker ticking on its own: one new frame every 5 ms while the parent listens, then the episode's
+    end; policy errors are kept, not raised."""
+
+    period = 0.005
+
+    def start(self, task, episode):
+        self.task, self.episode, self.step = task, episode, 0
+        self.aborts = []
+
+    async def receive(self):
+        await anyio.sleep(self.period)
+        if self.aborts or self.step == self.steps:
+            return [("record", "episode", {"episode": self.episode, "suite": "s", "task_id": self.task,
+                                           "t_start": 0.0, "t_end": 1.0, "steps": self.step,
+                                           "success": not self.aborts, "env": self.index})]
+        self.step += 1
+        return [("frame", PendingFrame(self.episode, self.step, clock.now(),
+                                       lambda: Observation(np.zeros((2, 2, 3), np.uint8))))]
+
+    def abort(self, episode, kind, message):
+        self.aborts.append((episode, kind, message))
+
+
+class Split(Batched):
+    """A policy whose call has a host half (prepare_batch) and the rest (act_prepared), each logged with its
+    wall-clock interval."""
+
+    def __init__(self, prepare_s=0.03, call_s=0.06, fail_at=None):
+        super().__init__()
+        self.prepare_s, self.call_s, self.fail_at = prepare_s, call_s, fail_at
+        self.log = []
+
+    def prepare_batch(self, observations):
+        t0 = clock.now()
+        time.sleep(self.prepare_s)
+        self.log.append(("prepare", t0, clock.now()))
+        if self.fail_at is not None and sum(w == "prepare" for w, _, _ in self.log) == self.fail_at:
+            raise InputError("frame 0 is not HxWx3")
+        return len(observations)
+
+    def act_prepared(self, prepared, instructions, streams):
+        t0 = clock.now()
+        time.sleep(self.call_s)
+        self.log.append(("call", t0, clock.now()))
+        return [PolicyOutput(np.zeros(7), np.zeros(7), {"generate": self.call_s}) for _ in range(prepared)]
+
+
+def overlaps(log) -> int:
+    """Preparations that began while a call ran."""
+    calls = [(t0, t1) for what, t0, t1 in log if what == "call"]
+    return sum(any(c0 < p0 < c1 for c0, c1 in calls) for what, p0, _ in log if what == "prepare")
+
+
+def test_the_next_batch_is_prepared_while_the_policy_runs_this_one():
+    policy = Split()
+    log, links = run_fleet(policy, 2, [(0, 0), (0, 1)], make_link=lambda i: PacedLink(i, steps=100))
+    assert overlaps(policy.log) >= 3
+    infs = [r for r in log.records if r["kind"] == "inference"]
+    assert infs and all(link.actions for link in links) and all(not link.aborts for link in links)
+    # a batch prepared ahead waited for the call before it: its inference runs from the moment it was taken
+    assert max(r["t_end"] - r["t_start"] for r in infs) > policy.call_s + policy.prepare_s
+
+
+def test_envs_that_wait_for_their_actions_get_nothing_prepared_ahead():
+    policy = Split()
+    run_fleet(policy, 2, [(0, 0), (0, 1)], make_link=lambda i: PacedLink(i, steps=10), waits=True)
+    assert len(policy.calls) >= 5 and policy.log == []  # whole act_batch calls, one after another
+
+
+def test_a_preparation_that_raises_ends_its_batch_episodes_and_the_fleet_goes_on():
+    policy = Split(fail_at=2)
+    _, links = run_fleet(policy, 2, [(0, 0), (0, 1)], make_link=lambda i: PacedLink(i, steps=30))
+    aborted = [a for link in links for a in link.aborts]
+    assert aborted and all(a[1:] == ("input", "frame 0 is not HxWx3") for a in aborted)
+    assert sum(what == "call" for what, _, _ in policy.log) >= 1
