@@ -23,6 +23,7 @@ decides (hold the last action or stop). The next act starts redialling afresh.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from contextlib import ExitStack
 
@@ -39,6 +40,7 @@ from rtloop.sim.base import Observation
 
 OPENPI_IMAGE_SIZE = 224
 BACKOFF_START_S, BACKOFF_MAX_S = 0.05, 1.0
+CLOSE_GRACE_S = 2.0  # close() lets a request in flight have its reply this long: the server sees a clean close
 
 
 def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
@@ -100,6 +102,9 @@ class RemotePolicy:
         self._ws: ClientConnection | None = None
         self._missing_reported = False
         self.reconnects = 0
+        self._closed = False
+        self._idle = threading.Event()  # no round trip in flight
+        self._idle.set()
         self.metadata = self._connect()  # fails fast (one line) when nobody answers
         self.is_rtloop = self.metadata.get("server") == "rtloop"
         if self.is_rtloop:
@@ -151,7 +156,16 @@ class RemotePolicy:
             wait = min(2 * wait, BACKOFF_MAX_S)
 
     def _round_trip(self, message: bytes):
+        self._idle.clear()
+        try:
+            return self._send_and_wait(message)
+        finally:
+            self._idle.set()
+
+    def _send_and_wait(self, message: bytes):
         for attempt in range(2):  # the second after a redial: inference is idempotent
+            if self._closed:  # close() ran on another thread: no redial, the call's result is not wanted
+                raise PolicyError(f"{self.url}: the remote policy is closed")
             if self._ws is None:
                 self._redial()
             try:
@@ -218,6 +232,10 @@ class RemotePolicy:
             self.act(obs, instruction)
 
     def close(self) -> None:
+        """From any thread. The runtime closes its policy while an inference it cancelled may still be in
+        flight on the policy thread: that request gets CLOSE_GRACE_S to end, and is never redialled."""
+        self._closed = True
+        self._idle.wait(CLOSE_GRACE_S)
         self._drop()
 
 
