@@ -85,7 +85,7 @@ def main() -> int:
     p.add_argument("--agreement-frames", type=int, default=32)
     p.add_argument("--inprocess-episodes", type=int, default=0)
     p.add_argument("--inprocess-steps", type=int, default=280)
-    p.add_argument("--fleet-ns", default="1,4,8,16")
+    p.add_argument("--fleet-ns", default="1,2,4,8,16")
     p.add_argument("--serial-image-ns", default="")
     p.add_argument("--fleet-steps", type=int, default=200)
     p.add_argument("--eval-ns", default="")

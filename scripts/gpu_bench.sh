@@ -81,12 +81,16 @@ for step in $steps; do
     done ;;
   tests)
     say "pytest -m gpu"
-    # the engines (batched, sm89 forced) and the model first: the ~50 GEMV variants compile a Triton kernel each
-    # and took > 290 s of the H200 on their own (2026-12-02)
+    # the engines (batched, sm89 forced) and the model first, then the kernel tests the 12-02 runs did not reach,
+    # then the rest: each Triton variant compiles for ~10-20 s there, and the ~50 GEMV variants took > 290 s of
+    # the H200 on their own (2026-12-02)
     # the whole output to $OUT/tests.txt (a timeout cuts the pipeline: `| tail` kept no failure, 2026-12-02)
+    k=tests/policy/test_kernels.py
     timeout ${TESTS_TIMEOUT:-580} python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -o log_level=WARNING \
-      tests/policy/test_engines.py tests/policy/test_model.py \
-      tests/policy/test_kernels.py::test_the_sm89_code_paths_can_be_forced_on_hopper tests/policy/test_kernels.py \
+      tests/policy/test_engines.py tests/policy/test_model.py $k::test_the_sm89_code_paths_can_be_forced_on_hopper \
+      $k::test_decode_attention_is_rope_cache_write_and_masked_sdpa $k::test_8bit_prefill_matmuls_approximate_the_float_product \
+      $k::test_fp8_prefill_matmul_whole_is_scaled_mm $k::test_split_fp8_prefill_matmul_equals_the_whole_one_also_in_a_graph \
+      $k::test_llama_on_the_kernels_picks_the_same_tokens $k \
       > "$OUT/tests.txt" 2>&1
     echo "pytest exit $? (124: stopped at TESTS_TIMEOUT)" >> "$OUT/tests.txt"
     grep -E "^(FAILED|ERROR)|passed|failed|pytest exit" "$OUT/tests.txt" | tee -a "$LOG" ;;
@@ -202,12 +206,12 @@ EOF
     [ -n "${STUDY_CHECKPOINT:-}" ] || checkpoint7b
     case $step in
       fleet) engines=${FLEET_ENGINES:-compiled compiled+fp8}
-             what=(--batches "" --fleet-ns "${FLEET_NS:-1,4,8,16}" --eval-ns "") ;;
+             what=(--batches "" --fleet-ns "${FLEET_NS:-1,2,4,8,16}" --eval-ns "") ;;
       evalrate) engines=${EVAL_ENGINE:-compiled+fp8}
                 what=(--batches "" --fleet-ns "" --eval-ns "${EVAL_NS:-1,4,8,16}" --eval-clocks "${EVAL_CLOCKS:-wall,virtual}") ;;
       study) engines=${STUDY_ENGINE:-compiled+fp8}
              what=(--batches "${BATCHES:-1,2,4,8,16,32}" --inprocess-episodes "${STUDY_INPROCESS:-0}"
-                   --fleet-ns "${FLEET_NS:-1,4,8,16}" --serial-image-ns "${SERIAL_IMAGE_NS:-}"
+                   --fleet-ns "${FLEET_NS:-1,2,4,8,16}" --serial-image-ns "${SERIAL_IMAGE_NS:-}"
                    --eval-ns "${EVAL_NS:-}" --eval-clocks "${EVAL_CLOCKS:-wall,virtual}"
                    ${STUDY_GO:+--go "$STUDY_GO"} ${STUDY_DONE:+--done "$STUDY_DONE"}) ;;
     esac
