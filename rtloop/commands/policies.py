@@ -151,7 +151,7 @@ def build_policy(args: argparse.Namespace, checkpoint: Path | None, device: str)
         policy = OpenVLAPolicy(checkpoint, unnorm_key=args.unnorm_key, suite=args.suite, device=device,
                                engine=args.engine, center_crop=args.center_crop, cuda_wait=args.cuda_wait,
                                max_batch=max_batch, kernel_options=kernel_options_from_args(args),
-                               image_threads=getattr(args, "image_threads", None))
+                               image_threads=args.image_threads)
     from rtloop.runtime.latency import MeasuredLatency
 
     # On the wall clock a latency model pads each call up to its sample; the policy's own measured time

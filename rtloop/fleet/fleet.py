@@ -326,21 +326,19 @@ class Fleet:
         t_wait = clock.now()
         while not (taken := take_batch(self.slots, self.max_batch)):
             await self._new_frame.wait()
-        batch = self._load(taken, t_wait)
-        if batch is not None and preparing is not None:
-            await self._prepare(preparing, batch)
-        return batch
+        return await self._load(taken, t_wait, preparing)
 
     async def _take_ahead(self, policy: Policy, at: float, out: list[Batch]) -> None:
         await anyio.sleep(max(0.0, at - clock.now()))
         with anyio.CancelScope(shield=True):  # frames taken are prepared and go into the next call
             taken = take_batch(self.slots, self.max_batch)
-            batch = self._load(taken, clock.now()) if taken else None
-            if batch is not None:
-                await self._prepare(policy, batch)
+            if taken and (batch := await self._load(taken, clock.now(), policy)) is not None:
                 out.append(batch)
 
-    def _load(self, taken: list[tuple[EnvSlot, PendingFrame]], t_wait: float) -> Batch | None:
+    async def _load(self, taken: list[tuple[EnvSlot, PendingFrame]], t_wait: float,
+                    preparing: Policy | None) -> Batch | None:
+        """The frames taken, copied out of their workers (None when none was left to copy), and prepared by
+        `preparing` when given."""
         items = []
         for slot, frame in taken:
             obs = frame.load()
@@ -349,7 +347,12 @@ class Fleet:
             else:
                 items.append((slot, frame, obs))
                 slot.in_batch += 1
-        return Batch(items, t_wait, clock.now()) if items else None
+        if not items:
+            return None
+        batch = Batch(items, t_wait, clock.now())
+        if preparing is not None:
+            await self._prepare(preparing, batch)
+        return batch
 
     async def _prepare(self, policy: Policy, batch: Batch) -> None:
         t0 = clock.now()

@@ -34,8 +34,6 @@ LATENCY_BUCKETS = (
     0.06, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
 )
 
-# A fleet's policy call takes 1..32 frames; the batched engines have CUDA graphs for these sizes.
-
 SIM_STAGES = ("step", "render", "physics")
 RUN_LABELS = ("suite", "task", "engine")
 

@@ -38,6 +38,7 @@ from functools import partial
 
 import torch
 
+from rtloop.policy.buckets import MAX_BATCH
 from rtloop.policy.kernel_options import FIXED_TILE, KernelOptions  # noqa: F401  (FIXED_TILE: for scripts)
 
 try:
@@ -241,7 +242,7 @@ if triton is not None:
         configs=_FEW_ROWS_CONFIGS, key=["M", "N", "K", "HAS_SCALE", "INT8_BITS", "F32_DOT", "BLOCK_M"],
     )(_few_rows_kernel)
 
-FEW_ROWS_MAX = 32  # the largest batch bucket
+FEW_ROWS_MAX = MAX_BATCH  # a batch's decode: one row per frame, up to the largest bucket
 FEW_ROWS_TILE = (32, 256, 4, 3)  # (BLOCK_N, BLOCK_K, num_warps, num_stages) when not autotuning
 
 

@@ -249,9 +249,7 @@ class OpenVLAPolicy:
         """A raw LIBERO frame as the sim returns it (upside down; numpy, PIL, or an Observation holding one)
         -> LIBERO-ready action: `action` has LIBERO's gripper convention (-1 = open, +1 = close), ready for
         `env.step`; `raw_action` is predict_action's, the model's (+1 = open)."""
-        frame = as_array(obs.image if isinstance(obs, Observation) else obs)
-        timings: dict[str, float] = {}
-        (image,) = self.prepare_frames([frame], timings)
+        (image,), timings = self.prepare_batch([obs])
         raw, timings = self.predict_action(image, instruction, timings=timings)
         return PolicyOutput(action=libero_gripper(raw), raw_action=raw, timings=timings, alerts=self.guards.drain())
 
