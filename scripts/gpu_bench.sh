@@ -210,8 +210,8 @@ EOF
       evalrate) engines=${EVAL_ENGINE:-compiled+fp8}
                 what=(--batches "" --fleet-ns "" --eval-ns "${EVAL_NS:-1,4,8,16}" --eval-clocks "${EVAL_CLOCKS:-wall,virtual}") ;;
       study) engines=${STUDY_ENGINE:-compiled+fp8}
-             what=(--batches "${BATCHES:-1,2,4,8,16,32}" --inprocess-episodes "${STUDY_INPROCESS:-0}"
-                   --fleet-ns "${FLEET_NS:-1,2,4,8,16}" --serial-image-ns "${SERIAL_IMAGE_NS:-}"
+             what=(--batches "${BATCHES-1,2,4,8,16,32}" --inprocess-episodes "${STUDY_INPROCESS:-0}"
+                   --fleet-ns "${FLEET_NS-1,2,4,8,16}" --serial-image-ns "${SERIAL_IMAGE_NS:-}"
                    --eval-ns "${EVAL_NS:-}" --eval-clocks "${EVAL_CLOCKS:-wall,virtual}"
                    ${STUDY_GO:+--go "$STUDY_GO"} ${STUDY_DONE:+--done "$STUDY_DONE"}) ;;
     esac

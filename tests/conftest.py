@@ -28,6 +28,16 @@ def fixed_kernel_tiles():
     kernels.DEFAULT_OPTIONS = default
 
 
+@pytest.fixture(autouse=True)
+def unfrozen_heap():
+    """Every run freezes the heap it starts with (rtloop.runtime.heap); between tests it goes back to the
+    collector, so that one test's garbage never outlives it."""
+    yield
+    import gc
+
+    gc.unfreeze()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A random-weight OpenVLA checkpoint in the real on-disk format, made once per test session."""

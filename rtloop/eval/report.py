@@ -31,14 +31,22 @@ def labels(rows: list[dict], field: str) -> list[str]:
 
 
 def alert_lines(rows: list[dict]) -> list[str]:
-    """Each distinct alert once, with the number of episodes that raised it."""
-    counts: dict[str, int] = {}
+    """Each kind of alert once, with the number of episodes that raised it and its first message (a
+    stale action's or a pause's message names its own age and step: one line each would bury the rest)."""
+    first: dict[str, str] = {}
+    episodes: dict[str, int] = {}
     for row in rows:
+        kinds = set()
         for alert in row.get("alerts", []):
-            counts[alert] = counts.get(alert, 0) + 1
-    if not counts:
+            kind = alert.split(":", 1)[0]
+            first.setdefault(kind, alert)
+            kinds.add(kind)
+        for kind in kinds:
+            episodes[kind] = episodes.get(kind, 0) + 1
+    if not first:
         return []
-    return ["", "Alerts (possible silent failures):", ""] + [f"- SILENT FAILURE? {a} ({n} episodes)" for a, n in counts.items()]
+    return ["", "Alerts (possible silent failures; each kind's first message):", ""] + [
+        f"- SILENT FAILURE? {message} ({episodes[kind]} episodes)" for kind, message in first.items()]
 
 
 def header_lines(title: str, rows: list[dict], notes: list[str]) -> list[str]:

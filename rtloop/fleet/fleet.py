@@ -35,6 +35,7 @@ from rtloop import clock
 from rtloop.errors import InputError, RtloopError, WorkerError
 from rtloop.policy.base import Policy, PolicyOutput
 from rtloop.policy.buckets import BATCH_BUCKETS, MAX_BATCH, batch_bucket
+from rtloop.runtime import heap
 from rtloop.runtime.loop import one_line
 from rtloop.runtime.records import AlertRecord, EpisodeRecord, ErrorRecord, Fanout, InferenceRecord, TickRecord
 from rtloop.runtime.worker import WorkerThread
@@ -158,6 +159,7 @@ class Fleet:
         self.todo: list[tuple[int, int]] = []
         self.episodes: list[EpisodeRecord] = []
         self._new_frame = anyio.Event()
+        self.pauses = heap.CollectorPauses()
 
     # --- setup -------------------------------------------------------------------------------------------
 
@@ -185,6 +187,9 @@ class Fleet:
     async def _warm(self, policy: Policy, thread: WorkerThread, obs: Observation, instruction: str) -> None:
         await thread.run(policy.warmup, obs, instruction)
         await thread.run(warm_batches, policy, obs, instruction, len(self.slots))
+        freeze_heap = getattr(policy, "freeze_heap", None)  # a policy in a process of its own (a Ray actor)
+        if freeze_heap is not None:
+            await thread.run(freeze_heap)
 
     def close(self) -> None:
         for slot in self.slots:
@@ -195,16 +200,20 @@ class Fleet:
     # --- the run -----------------------------------------------------------------------------------------
 
     async def run(self) -> list[EpisodeRecord]:
-        """Every assignment of prepare(), each on the next free env. Returns the episode records."""
+        """Every assignment of prepare(), each on the next free env. Returns the episode records. What is
+        alive when it starts (the warm policies) is frozen, and each long garbage collection becomes an
+        alert on every frame of the batch it delayed (rtloop.runtime.heap)."""
+        heap.freeze()
         try:
-            async with anyio.create_task_group() as tg:
-                for policy, thread in self.policies:
-                    tg.start_soon(self._inference_task, policy, thread)
-                async with anyio.create_task_group() as envs:
-                    for slot in self.slots:
-                        if slot.first is not None:
-                            envs.start_soon(self._env_task, slot)
-                tg.cancel_scope.cancel()  # every env is done: stop the inference tasks
+            with self.pauses:
+                async with anyio.create_task_group() as tg:
+                    for policy, thread in self.policies:
+                        tg.start_soon(self._inference_task, policy, thread)
+                    async with anyio.create_task_group() as envs:
+                        for slot in self.slots:
+                            if slot.first is not None:
+                                envs.start_soon(self._env_task, slot)
+                    tg.cancel_scope.cancel()  # every env is done: stop the inference tasks
         finally:
             if self._preparation is not None:
                 self._preparation.close()
@@ -378,9 +387,10 @@ class Fleet:
 
     def _deliver(self, batch: Batch, outs: list[PolicyOutput], t_end: float) -> None:
         items, t_start = batch.items, batch.t_start
+        pauses = self.pauses.take()
         for i, ((slot, frame, _), out) in enumerate(zip(items, outs)):
             current = slot.link is not None and slot.episode == frame.episode
-            for alert in out.alerts:  # a guard alerts once per env: kept, unattributed if the episode is over
+            for alert in out.alerts + pauses:  # a guard alerts once per env: kept, unattributed if the episode is over
                 self.sinks.on_record(AlertRecord(alert.kind, alert.message, t_end,
                                                  frame.episode if current else None, env=slot.index))
             if not current:

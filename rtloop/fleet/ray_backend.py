@@ -21,6 +21,7 @@ import anyio
 from rtloop.errors import InputError, WorkerError
 from rtloop.fleet.fleet import PendingFrame, run_batch
 from rtloop.fleet.worker import EnvWorker
+from rtloop.runtime import heap
 from rtloop.runtime.mailbox import Frame
 from rtloop.sim.base import Observation
 
@@ -143,6 +144,9 @@ def _remote_classes():
         def warmup(self, obs, instruction) -> None:
             self.policy.warmup(obs, instruction)
 
+        def freeze_heap(self) -> None:
+            heap.freeze()
+
         def close(self) -> None:
             self.policy.close()
 
@@ -168,6 +172,10 @@ class RayPolicy:
 
     def warmup(self, obs, instruction) -> None:
         self._get(self.actor.warmup.remote(obs, instruction))
+
+    def freeze_heap(self) -> None:
+        """The actor's process holds the warm model: its heap is frozen there (rtloop.runtime.heap)."""
+        self._get(self.actor.freeze_heap.remote())
 
     def close(self) -> None:
         self._get(self.actor.close.remote())

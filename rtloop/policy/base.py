@@ -19,9 +19,10 @@ SUB_STAGES = (LIBERO_IMAGE,)
 
 # Every Alert.kind (bounded label values): the policy guards' (rtloop.policy.guards says why each exists), and
 # the runtime's stale_action (an action older than --max-action-age was due: the sim stopped the arm), and the
-# remote client's remote_input (the env lacks an input the remote policy's form wants: zeros were sent).
+# remote client's remote_input (the env lacks an input the remote policy's form wants: zeros were sent), and
+# gc_pause (Python's garbage collector stopped the policy's process for a tick or more: rtloop.runtime.heap).
 ALERT_KINDS = ("blank_frame", "prompt", "unnorm_key", "constant_action", "image_orientation", "stale_action",
-               "remote_input")
+               "remote_input", "gc_pause")
 
 
 @dataclass

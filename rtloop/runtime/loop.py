@@ -26,6 +26,7 @@ from rtloop import clock as wall
 from rtloop.clock import WALL
 from rtloop.errors import InputError, PolicyError, RtloopError, SimError
 from rtloop.policy.base import Policy, PolicyOutput
+from rtloop.runtime import heap
 from rtloop.runtime.chunks import ChunkBuffer
 from rtloop.runtime.mailbox import Frame, LatestFrameMailbox
 from rtloop.runtime.records import (AlertRecord, EpisodeRecord, ErrorRecord, InferenceRecord, Sink,
@@ -279,6 +280,7 @@ class Runtime:
         self.inference_seq = 0  # counts across the run
         self.dropped_before = 0  # frames dropped in earlier episodes
         self.stale_alerted = False
+        self.pauses = heap.CollectorPauses()
         self._episode: EpisodeState | None = None  # the episode in progress
         self.frames: list[np.ndarray] | None = [] if keep_frames else None  # for --video, raw sim frames
 
@@ -289,7 +291,14 @@ class Runtime:
         """One episode. The sim task puts its frames into `mailbox` and `consumer(episode, mailbox)` runs
         beside it until the episode ends: by default the inference task here; in a fleet's env worker
         (rtloop.fleet.worker) the link that ships frames to the fleet's one inference task, whose actions
-        come back through `offer`."""
+        come back through `offer`. What is alive when it starts (the warm policy) is frozen, and its
+        inferences carry an alert for each long garbage collection (rtloop.runtime.heap)."""
+        heap.freeze()
+        with self.pauses:
+            return await self._run_episode(episode, mailbox, consumer)
+
+    async def _run_episode(self, episode: int, mailbox: LatestFrameMailbox | None,
+                           consumer: FrameConsumer | None) -> EpisodeRecord:
         t_start = self.clock.now()
         ep = EpisodeState(episode, self.new_selector(None if self.config.sync else self.config.max_action_age),
                           Pacer(self.clock, self.config.rate), mailbox if mailbox is not None else LatestFrameMailbox())
@@ -487,7 +496,7 @@ class Runtime:
             batch_size=answer.batch_size,
             batch_index=answer.batch_index,
         ))
-        for alert in out.alerts:
+        for alert in out.alerts + self.pauses.take():
             self._emit(AlertRecord(alert.kind, alert.message, t_end, ep.episode))
 
     async def _sim_call(self, fn, *args):

@@ -23,6 +23,7 @@ import numpy as np
 
 from rtloop.errors import PolicyError, RtloopError
 from rtloop.policy.base import PolicyOutput
+from rtloop.runtime import heap
 from rtloop.sim.base import Observation
 
 CLOSE_WAIT_S = 2.0  # for the child to finish its call in flight and exit on its own before it is killed
@@ -49,7 +50,10 @@ def _serve(conn: Connection, build: Callable[..., Any], build_args: tuple) -> No
                 blocks[block_name] = shared_memory.SharedMemory(name=block_name)
             image = np.ndarray(shape, dtype=np.uint8, buffer=blocks[block_name].buf).copy()
         try:
-            conn.send(("ok", getattr(policy, method)(Observation(image, state), instruction)))
+            result = getattr(policy, method)(Observation(image, state), instruction)
+            if method == "warmup":
+                heap.freeze()  # the warm policy: no garbage collection walks it again
+            conn.send(("ok", result))
         except BaseException as exc:
             conn.send(("error", _portable(exc)))
     for block in blocks.values():

@@ -95,6 +95,7 @@ def build_backend(args: argparse.Namespace, checkpoint: Path):
 
     from rtloop.fleet.fleet import warm_batches
     from rtloop.policy.openvla import OpenVLAPolicy
+    from rtloop.runtime import heap
     from rtloop.serve.backend import OpenVLABackend
     from rtloop.sim.base import Observation
 
@@ -104,6 +105,7 @@ def build_backend(args: argparse.Namespace, checkpoint: Path):
     policy.warmup(noise, "warm up")
     warm_batches(policy, noise, "warm up", args.max_batch)  # every bucket up to it: none is built mid-serving
     policy.drain_alerts(0)  # the configuration's, in the server's log already: no client's request raised them
+    heap.freeze()  # the warm model: no garbage collection walks it again mid-serving
     return OpenVLABackend(policy)
 
 

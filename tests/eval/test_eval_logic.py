@@ -151,6 +151,17 @@ def test_eval_table_per_task_with_total_and_throughput():
     assert [t["task"] for t in doc["tasks"]] == [0, 3] and doc["total"]["successes"] == 4
 
 
+def test_alerts_are_listed_once_per_kind_with_the_episodes_that_raised_them():
+    """A stale action's message names its own age and step: 31 episodes must not make 31 lines."""
+    rows = [row(episode=e) | {"alerts": [f"stale_action: 1.0{e} s old at step {e}", "constant_action: the same"]}
+            for e in range(3)] + [row(episode=3) | {"alerts": ["gc_pause: 1300 ms", "gc_pause: 1800 ms"]}]
+    lines = [line for line in report.alert_lines(rows) if line.startswith("- ")]
+    assert lines == ["- SILENT FAILURE? stale_action: 1.00 s old at step 0 (3 episodes)",
+                     "- SILENT FAILURE? constant_action: the same (3 episodes)",
+                     "- SILENT FAILURE? gc_pause: 1300 ms (1 episodes)"]
+    assert report.alert_lines([row()]) == []
+
+
 def test_a_spec_the_runtime_cannot_take_costs_its_episodes_an_error_row():
     """Through real spawn workers: the failure is recorded per episode, the pool goes on and ends."""
     rows = []

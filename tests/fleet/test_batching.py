@@ -3,6 +3,7 @@ act_batch is served, and that a dead worker ends only its own episode."""
 
 from __future__ import annotations
 
+import gc
 import time
 from functools import partial
 
@@ -14,6 +15,7 @@ from rtloop import clock
 from rtloop.errors import InputError, WorkerError
 from rtloop.fleet.fleet import EnvSlot, Fleet, PendingFrame, run_batch, take_batch
 from rtloop.policy.base import PolicyOutput
+from rtloop.runtime.heap import CollectorPauses
 from rtloop.runtime.records import Fanout
 from rtloop.runtime.summary import RecordLog
 from rtloop.runtime.worker import WorkerThread
@@ -197,7 +199,7 @@ class Recorder(Batched):
         return super().act_batch(observations, instructions, streams)
 
 
-def run_fleet(policy, envs, assignments, make_link=TaskLink, waits=False):
+def run_fleet(policy, envs, assignments, make_link=TaskLink, waits=False, pause_alert_s=None):
     log = RecordLog()
     thread = WorkerThread("test-policy")
     links = []
@@ -208,6 +210,8 @@ def run_fleet(policy, envs, assignments, make_link=TaskLink, waits=False):
 
     try:
         fleet = Fleet(link, envs, [(policy, thread)], Fanout([log]), suite="s", waits=waits)
+        if pause_alert_s is not None:
+            fleet.pauses = CollectorPauses(pause_alert_s)
 
         async def main():
             await fleet.prepare(assignments)
@@ -253,6 +257,20 @@ def test_waiting_envs_record_their_own_inferences_from_what_the_action_carries()
     assert answers
     for episode, seq, action, frame_time, dropped, raw, stages, batch_s, size, index in answers:
         assert len(action) == len(raw) == 7 and stages == {} and batch_s >= 0 and 0 <= index < size <= 2
+
+
+class Collecting(Batched):
+    def act_batch(self, observations, instructions, streams=None):
+        if streams[0] >= 0:  # not a warm-up batch
+            gc.collect()
+        return super().act_batch(observations, instructions, streams)
+
+
+def test_a_long_collection_alerts_every_env_of_the_batch_it_delayed():
+    log, _ = run_fleet(Collecting(), 2, [(0, 0), (0, 1)], pause_alert_s=0)  # every collection counts as long
+    pauses = [r for r in log.records if r["kind"] == "alert" and r["alert_kind"] == "gc_pause"]
+    assert {(r["env"], r["episode"]) for r in pauses} == {(0, 0), (1, 1)}
+    assert gc.get_freeze_count() > 0  # the run froze the warm policy
 
 
 def test_an_env_keeps_its_task_while_the_task_has_episodes_left():
