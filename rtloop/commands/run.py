@@ -238,6 +238,12 @@ def machine(device: str) -> dict:
     return info
 
 
+def report_warm(batch: int, seconds: float) -> None:
+    """Before the clock starts the policy warms up at batch 1, and a fleet's at every batch bucket its envs
+    can fill: a compiled engine compiles and captures each, minutes apiece, so each says when it is done."""
+    print(f"rtloop: warm-up: batch {batch} ready in {seconds:.1f} s", file=sys.stderr, flush=True)
+
+
 def build_env(args: argparse.Namespace, render: bool = True):
     """render=False for a policy that needs no images (only then passed: an env without the option renders)."""
     from rtloop.sim import make_env
@@ -333,7 +339,9 @@ def _run(args: argparse.Namespace, terminated: list[int], on_sigterm) -> tuple[b
             policy = policy_future.result()
             cleanup.callback(policy.close)  # on this thread: a delay in flight is cut short
         first = sim_thread.call(env.reset, args.episode_start)
+        t0 = time.perf_counter()
         policy_thread.call(policy.warmup, first, env.instruction)
+        report_warm(1, time.perf_counter() - t0)
 
         log, trace = RecordLog(), TraceSink(path)
         cleanup.callback(trace.close)

@@ -88,10 +88,12 @@ def make_backend(args: argparse.Namespace, checkpoint, envs: int, log_path: str 
 
 
 def make_fleet(args: argparse.Namespace, backend, envs: int, sinks):
+    from rtloop.commands.run import report_warm
     from rtloop.fleet.fleet import Fleet
     from rtloop.fleet.worker import waits_for_actions
 
-    return Fleet(backend.make_link, envs, backend.policies, sinks, args.suite, waits=waits_for_actions(env_spec(args)))
+    return Fleet(backend.make_link, envs, backend.policies, sinks, args.suite, waits=waits_for_actions(env_spec(args)),
+                 report_warm=report_warm)
 
 
 def policy_threads(envs: int) -> int:

@@ -131,24 +131,31 @@ def run_batch(policy: Policy, observations: list[Observation], instructions: lis
     return [policy.act(obs, text) for obs, text in zip(observations, instructions)]
 
 
-def warm_batches(policy: Policy, obs: Observation, instruction: str, envs: int) -> None:
+def warm_batches(policy: Policy, obs: Observation, instruction: str, envs: int,
+                 report: Callable[[int, float], None] | None = None) -> None:
     """One call of every batch bucket above 1 that `envs` envs can fill, on the first frame: an engine
     compiles and captures a bucket on first use (minutes for compiled), which must not happen mid-run.
-    Their streams are negative, no env's; their alerts are the warm-up frame's, which `warmup` keeps."""
+    Their streams are negative, no env's; their alerts are the warm-up frame's, which `warmup` keeps.
+    report(batch, seconds) after each bucket: the wait is long enough that a user should see it move."""
     if getattr(policy, "act_batch", None) is None:  # frame by frame: nothing per batch size to build
         return
     largest = batch_bucket(min(envs, MAX_BATCH))
     for size in (b for b in BATCH_BUCKETS if 1 < b <= largest):
+        t0 = clock.now()
         policy.act_batch([obs] * size, [instruction] * size, streams=[-1 - i for i in range(size)])
+        if report is not None:
+            report(size, clock.now() - t0)
 
 
 class Fleet:
     def __init__(self, make_link: Callable[[int], EnvLink], envs: int, policies: list[tuple[Policy, WorkerThread]],
                  sinks: Fanout, suite: str, max_batch: int = MAX_BATCH, stall_s: float = STALL_S,
-                 waits: bool = False) -> None:
-        """waits: the envs wait for each action (rtloop.fleet.worker.waits_for_actions)."""
+                 waits: bool = False, report_warm: Callable[[int, float], None] | None = None) -> None:
+        """waits: the envs wait for each action (rtloop.fleet.worker.waits_for_actions). report_warm(batch,
+        seconds): each batch size's warm-up, as it ends (warm_batches)."""
         self.make_link = make_link
         self.waits = waits
+        self.report_warm = report_warm
         self.slots = [EnvSlot(i, info={"suite": suite}) for i in range(envs)]
         self.policies = policies
         self.sinks = sinks
@@ -185,8 +192,11 @@ class Fleet:
         return obs
 
     async def _warm(self, policy: Policy, thread: WorkerThread, obs: Observation, instruction: str) -> None:
+        t0 = clock.now()
         await thread.run(policy.warmup, obs, instruction)
-        await thread.run(warm_batches, policy, obs, instruction, len(self.slots))
+        if self.report_warm is not None:
+            self.report_warm(1, clock.now() - t0)
+        await thread.run(warm_batches, policy, obs, instruction, len(self.slots), self.report_warm)
         freeze_heap = getattr(policy, "freeze_heap", None)  # a policy in a process of its own (a Ray actor)
         if freeze_heap is not None:
             await thread.run(freeze_heap)

@@ -241,9 +241,11 @@ def test_each_frame_goes_with_its_env_as_stream_and_its_task_as_instruction():
 def test_the_warm_up_runs_every_batch_bucket_the_envs_can_fill(envs, sizes):
     from rtloop.fleet.fleet import warm_batches
 
-    policy = Batched()
-    warm_batches(policy, Observation(np.zeros((2, 2, 3), np.uint8)), "do it", envs)
+    policy, reported = Batched(), []
+    warm_batches(policy, Observation(np.zeros((2, 2, 3), np.uint8)), "do it", envs,
+                 report=lambda size, seconds: reported.append((size, seconds >= 0)))
     assert [len(s) for s in policy.streams] == sizes
+    assert reported == [(size, True) for size in sizes]  # each bucket says when it is ready
     assert all(stream < 0 for s in policy.streams for stream in s)  # no env's stream
     warm_batches(OneAtATime(), Observation(None), "do it", envs)  # frame by frame: nothing to warm
 

@@ -44,6 +44,8 @@ def test_a_fleet_of_three_envs_ticks_every_env_and_batches_their_frames(tiny_che
     header = read_trace(trace)[0]
     assert header["envs"] == 3 and "RANDOM WEIGHTS" in header["policy"]
     assert "fleet of 3 envs" in proc.stdout and "env 2:" in proc.stdout
+    warm = [line.split(" ready")[0] for line in proc.stderr.splitlines() if line.startswith("rtloop: warm-up:")]
+    assert warm == ["rtloop: warm-up: batch 1", "rtloop: warm-up: batch 2", "rtloop: warm-up: batch 4"]
 
 
 @pytest.mark.slow

@@ -244,6 +244,7 @@ def test_replay_source_runs_the_same_loop_and_says_so(tiny_checkpoint, tmp_path)
     header = read_trace(trace)[0]
     assert "replay" in header["sim"] and "actions ignored" in header["sim"]
     assert "replay" in proc.stdout
+    assert "rtloop: warm-up: batch 1 ready in " in proc.stderr  # before the clock starts, said
     ticks, infs = records(trace, "tick"), records(trace, "inference")
     assert len(ticks) == 20 and infs
     assert all(t["physics_s"] == 0 and t["render_s"] == 0 and t["step_s"] > 0 for t in ticks)
