@@ -24,6 +24,7 @@ from pathlib import Path
 from rtloop.commands.policies import (TINY_CACHE_NAME, build_policy, parse_policy, resolve_checkpoint,
                                       tiny_random_checkpoint)
 from rtloop.policy.kernel_options import add_kernel_arguments, kernel_options_from_args
+from rtloop.runtime import heap
 
 __all__ = ["TINY_CACHE_NAME", "add_arguments", "build_env", "build_policy", "default_trace_path", "machine", "main",
            "resolve_checkpoint", "tiny_random_checkpoint", "validate", "versions"]
@@ -342,6 +343,7 @@ def _run(args: argparse.Namespace, terminated: list[int], on_sigterm) -> tuple[b
         t0 = time.perf_counter()
         policy_thread.call(policy.warmup, first, env.instruction)
         report_warm(1, time.perf_counter() - t0)
+        heap.freeze()  # the warm policy and the env live for the whole run (rtloop.runtime.heap)
 
         log, trace = RecordLog(), TraceSink(path)
         cleanup.callback(trace.close)

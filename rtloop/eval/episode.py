@@ -67,6 +67,7 @@ class EpisodeRunner:
 
     def _prepare(self, args: argparse.Namespace, episode: int) -> None:
         from rtloop.commands import run as command
+        from rtloop.runtime import heap
 
         # The policy before the env: built the other way round, importing triton (the policy's kernels)
         # after a LIBERO env made its EGL context segfaults on the 2-core CPU machine (Mesa's software
@@ -74,11 +75,14 @@ class EpisodeRunner:
         # validate's derived objects (args._latency) are left out: the options that made them are in
         policy_key = _options_key(args, sorted(n for n in vars(args) if n not in NOT_POLICY_OPTIONS and n[0] != "_"))
         new_policy = policy_key != self.policy_key
+        env_key = _options_key(args, ENV_OPTIONS)
+        if not (new_policy or env_key != self.env_key):
+            return
+        heap.thaw()  # what is replaced was frozen with the rest: its cycles must be collectable (rtloop.runtime.heap)
         if new_policy:
             self._close_policy()
             self.policy = self.policy_thread.call(command.build_policy, args, args.checkpoint, args.device)
             self.policy_key = policy_key
-        env_key = _options_key(args, ENV_OPTIONS)
         if env_key != self.env_key:
             self._close_env()
             self.env = self.sim_thread.call(command.build_env, args, args._policy_spec.needs_images)
@@ -86,6 +90,7 @@ class EpisodeRunner:
         if new_policy:
             first = self.sim_thread.call(self.env.reset, episode)
             self.policy_thread.call(self.policy.warmup, first, self.env.instruction)
+        heap.freeze()
 
     def run(self, spec: dict, task: int, episode: int) -> dict:
         import anyio

@@ -6,10 +6,13 @@ generated code) that live as long as the process; a full collection then stalls 
 walk takes, which the sim, never waiting, sees as every env's action going stale at once. The collector
 starts a full collection only when enough new objects have survived, so it comes rarely and without warning.
 
-So, as vLLM does after its warm-up (`gc.freeze`), everything alive when a run starts is moved to the
-permanent generation, which no collection walks again; and, as SGLang warns of long collections, each
-collection is timed while a run lasts, and one that stops the process for a tick or more becomes a
-`gc_pause` alert on the episodes it delayed.
+So, as vLLM does after its warm-up (`gc.freeze`), the process that holds the policy moves everything alive
+once the policy is warm to the permanent generation, which no collection walks again; and, as SGLang warns
+of long collections, each collection is timed while a run lasts, and one that stops the process for a tick
+or more becomes a `gc_pause` alert on the episodes it delayed.
+
+A frozen object is still freed when its last reference goes, but a frozen cycle never is: whoever drops
+what it froze (an env or a policy replaced between episodes) thaws the heap first.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ def freeze() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+def thaw() -> None:
+    """Back to the collector, before what was frozen is dropped."""
+    gc.unfreeze()
 
 
 class CollectorPauses:

@@ -291,9 +291,8 @@ class Runtime:
         """One episode. The sim task puts its frames into `mailbox` and `consumer(episode, mailbox)` runs
         beside it until the episode ends: by default the inference task here; in a fleet's env worker
         (rtloop.fleet.worker) the link that ships frames to the fleet's one inference task, whose actions
-        come back through `offer`. What is alive when it starts (the warm policy) is frozen, and its
-        inferences carry an alert for each long garbage collection (rtloop.runtime.heap)."""
-        heap.freeze()
+        come back through `offer`. Its inferences carry an alert for each long garbage collection
+        (rtloop.runtime.heap; the command that warmed the policy up froze the heap)."""
         with self.pauses:
             return await self._run_episode(episode, mailbox, consumer)
 

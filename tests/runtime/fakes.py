@@ -10,6 +10,8 @@ import anyio.lowlevel
 import numpy as np
 
 from rtloop.policy.base import PolicyOutput
+from rtloop.runtime.records import InferenceRecord
+from rtloop.runtime.summary import RecordLog
 from rtloop.sim.base import Observation, StepResult
 
 
@@ -125,3 +127,20 @@ class ChunkedFakePolicy(FakePolicy):
         steps = int(obs.image[0, 0, 1])
         chunk = np.array([[(steps + i) / 100, self.calls / 100, 0, 0, 0, 0, -1.0] for i in range(self.horizon)])
         return PolicyOutput(action=chunk[0], raw_action=chunk[0], timings={"generate": 0.001}, chunk=chunk)
+
+
+class InferenceWatch(RecordLog):
+    """A record log whose `delivered` is set at the first inference record: a test holds the sim's first
+    step on it, so that an action exists before the episode can end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delivered = threading.Event()
+
+    def on_record(self, record) -> None:
+        super().on_record(record)
+        if isinstance(record, InferenceRecord):
+            self.delivered.set()
+
+    def hold_first_step(self, env: FakeEnv) -> None:
+        env.on_step = lambda step: self.delivered.wait(timeout=10) if step == 0 else None

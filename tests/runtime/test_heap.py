@@ -5,11 +5,10 @@ from __future__ import annotations
 import gc
 
 import anyio
-from fakes import FakeClock, FakeEnv, FakePolicy
+from fakes import FakeClock, FakeEnv, FakePolicy, InferenceWatch
 
-from rtloop.runtime.heap import CollectorPauses, freeze
+from rtloop.runtime.heap import CollectorPauses, freeze, thaw
 from rtloop.runtime.loop import LoopConfig, Runtime
-from rtloop.runtime.summary import RecordLog
 from rtloop.runtime.worker import WorkerThread
 
 
@@ -41,12 +40,15 @@ def test_a_short_collection_is_counted_not_alerted():
 
 
 def test_the_runtime_puts_a_long_collection_on_the_episode_it_delayed():
+    """The first inference runs a full collection; the sim holds its first step until that inference is
+    delivered (else the episode could end first, its inference cancelled)."""
     threads = WorkerThread("test-sim"), WorkerThread("test-policy")
     try:
-        log = RecordLog()
-        policy = FakePolicy(hook=lambda call: gc.collect() if call == 3 else None)
-        runtime = Runtime(FakeEnv(horizon=8, clock=FakeClock()), policy, *threads, log, LoopConfig(rate=10),
-                          clock=FakeClock())
+        log, clock = InferenceWatch(), FakeClock()
+        env = FakeEnv(horizon=8, clock=clock)
+        log.hold_first_step(env)
+        policy = FakePolicy(hook=lambda call: gc.collect() if call == 1 else None)
+        runtime = Runtime(env, policy, *threads, log, LoopConfig(rate=10), clock=clock)
         runtime.pauses = CollectorPauses(threshold_s=0)  # every collection counts as long
         anyio.run(runtime.run_episode, 0)
     finally:
@@ -54,4 +56,10 @@ def test_the_runtime_puts_a_long_collection_on_the_episode_it_delayed():
             thread.close()
     pauses = [r for r in log.records if r["kind"] == "alert" and r["alert_kind"] == "gc_pause"]
     assert pauses and {r["episode"] for r in pauses} == {0}
-    assert gc.get_freeze_count() > 0  # the run froze what was alive when it started
+    assert gc.get_freeze_count() == 0  # freezing is the command's, once the policy is warm: not the loop's
+
+
+def test_a_thaw_gives_the_frozen_back_to_the_collector():
+    freeze()
+    thaw()
+    assert gc.get_freeze_count() == 0

@@ -8,11 +8,10 @@ import threading
 import anyio
 import numpy as np
 import pytest
-from fakes import Blocker, FakeClock, FakeEnv, FakePolicy
+from fakes import Blocker, FakeClock, FakeEnv, FakePolicy, InferenceWatch
 
 from rtloop.runtime.loop import ActionSelector, Action, LoopConfig, Pacer, Runtime
 from rtloop.runtime.mailbox import Frame, LatestFrameMailbox
-from rtloop.runtime.records import InferenceRecord
 from rtloop.runtime.summary import RecordLog
 from rtloop.runtime.worker import WorkerThread
 from rtloop.sim.base import Observation
@@ -159,18 +158,10 @@ def test_a_stale_action_stops_the_arm_and_alerts_once(threads):
     """The first action arrives during tick 0; the next inference never finishes. Past --max-action-age the
     sim applies the stop action (no motion, the gripper as last commanded), counted as `stop`, alerted once."""
     clock = FakeClock()
-    delivered = threading.Event()
-
-    class WatchInferences(RecordLog):
-        def on_record(self, record):
-            super().on_record(record)
-            if isinstance(record, InferenceRecord):
-                delivered.set()
-
     env = FakeEnv(horizon=50, clock=clock)
-    env.on_step = lambda step: delivered.wait(timeout=10) if step == 0 else None
+    log = InferenceWatch()
+    log.hold_first_step(env)
     blocker = Blocker({2})
-    log = WatchInferences()
     runtime = Runtime(env, FakePolicy(hook=blocker), threads.sim, threads.policy, log,
                       LoopConfig(rate=10, max_steps=9, max_action_age=0.45), clock=clock)
     try:
