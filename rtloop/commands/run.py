@@ -242,7 +242,9 @@ def machine(device: str) -> dict:
 def report_warm(batch: int, seconds: float) -> None:
     """Before the clock starts the policy warms up at batch 1, and a fleet's at every batch bucket its envs
     can fill: a compiled engine compiles and captures each, minutes apiece, so each says when it is done."""
-    print(f"rtloop: warm-up: batch {batch} ready in {seconds:.1f} s", file=sys.stderr, flush=True)
+    from tqdm import tqdm  # its write clears an eval's progress bar for the line and redraws it below
+
+    tqdm.write(f"rtloop: warm-up: batch {batch} ready in {seconds:.1f} s", file=sys.stderr)
 
 
 def build_env(args: argparse.Namespace, render: bool = True):
