@@ -31,10 +31,13 @@ def main() -> None:
     import torch
 
     from rtloop.policy.checkpoint import build_random_model, make_checkpoint
+    from rtloop.policy.cuda_wait import set_cuda_wait
     from rtloop.policy.openvla import OpenVLAPolicy
     from rtloop.runtime import heap
     from rtloop.sim.base import Observation
 
+    if a.device == "cuda":
+        set_cuda_wait("blocking")  # as the policy asks, before the first CUDA call below makes the context
     doc: dict = {"engine": a.engine, "device": a.device, "size": a.size, "weights": f"RANDOM WEIGHTS ({a.size})",
                  "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if a.device == "cuda" else None}
 
