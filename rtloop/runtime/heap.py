@@ -70,6 +70,6 @@ class CollectorPauses:
         long, self._long = self._long, []
         return [Alert("gc_pause", f"Python's garbage collector stopped the policy's process for {seconds * 1000:.0f} ms "
                                   f"(a generation-{generation} collection): every action due meanwhile was that much "
-                                  f"later. The heap is frozen when a run starts, so something made many long-lived "
-                                  f"objects since")
+                                  f"later. The heap was frozen once the policy was warm, so something made many "
+                                  f"long-lived objects since")
                 for generation, seconds in long]
